@@ -1,0 +1,122 @@
+"""Group Bias Adaptation: target frequencies, window statistics and the bias update.
+
+Pure torch on tensors, no SAELens: the SAE classes call these. Biases and peaks are
+in units of the input scale (see ``gba_sae``), so the clamp ``[BIAS_MIN, BIAS_MAX]``
+means "from off for any input to always on for positive projections" at any scale.
+"""
+
+import torch
+
+BIAS_MIN = -1.0
+BIAS_MAX = 0.0
+
+
+def target_frequencies(
+    n_groups: int, high_target_freq: float, low_target_freq: float
+) -> torch.Tensor:
+    """Geometric target firing frequencies, one per group, from high to low.
+
+    ``p_k = high * (low / high) ** (k / (K - 1))``; a single group (BA) targets
+    ``high_target_freq``.
+
+    Args:
+        n_groups: number of groups K (>= 1).
+        high_target_freq: target of the first group.
+        low_target_freq: target of the last group (ignored when K = 1).
+
+    Returns:
+        float64 tensor of shape (K,).
+    """
+    if n_groups == 1:
+        return torch.tensor([high_target_freq], dtype=torch.float64)
+    exponents = torch.arange(n_groups, dtype=torch.float64) / (n_groups - 1)
+    return high_target_freq * (low_target_freq / high_target_freq) ** exponents
+
+
+def group_index(d_sae: int, n_groups: int) -> torch.Tensor:
+    """Group of each neuron: contiguous blocks whose sizes differ by at most one.
+
+    Contiguous is as good as random here because neurons are i.i.d. at init, and it
+    keeps membership recoverable from (d_sae, n_groups) alone.
+
+    Args:
+        d_sae: number of neurons.
+        n_groups: number of groups.
+
+    Returns:
+        int64 tensor of shape (d_sae,) with values in [0, n_groups).
+    """
+    return torch.arange(d_sae, dtype=torch.int64) * n_groups // d_sae
+
+
+@torch.no_grad()
+def accumulate_window(
+    fire_counts: torch.Tensor, peak_preacts: torch.Tensor, preacts: torch.Tensor
+) -> None:
+    """Add one batch of pre-activations to the running window statistics, in place.
+
+    Args:
+        fire_counts: (d_sae,) int64, times each neuron had ``y > 0`` in the window.
+        peak_preacts: (d_sae,) running max of ``y`` in the window (-inf when empty).
+        preacts: (batch, d_sae) pre-activations ``y = w . (x - b_pre) + b``.
+    """
+    fire_counts += (preacts > 0).sum(dim=0)
+    torch.maximum(
+        peak_preacts, preacts.max(dim=0).values.to(peak_preacts), out=peak_preacts
+    )
+
+
+@torch.no_grad()
+def adapt_biases(
+    bias: torch.Tensor,
+    firing_frequency: torch.Tensor,
+    peak_preacts: torch.Tensor,
+    neuron_targets: torch.Tensor,
+    neuron_groups: torch.Tensor,
+    n_groups: int,
+    gamma_plus: float,
+    gamma_minus: float,
+    dead_threshold: float = 0.0,
+) -> torch.Tensor:
+    """One bias-adaptation step (the paper's rule), returning the new biases.
+
+    - over-active (``p_m > p_k``): ``b_m <- max(b_m - gamma_minus * r_m, BIAS_MIN)``;
+    - dead (``p_m <= dead_threshold``): ``b_m <- min(b_m + gamma_plus * s_k, BIAS_MAX)``
+      with ``s_k`` the mean of the positive peaks in the neuron's group;
+    - otherwise unchanged.
+
+    A group with no positive peak falls back to the mean positive peak of all
+    neurons, and to 1 (the input scale) when nothing fired at all, so a fully dead
+    group still recovers.
+
+    Args:
+        bias: (d_sae,) current biases.
+        firing_frequency: (d_sae,) fraction of window inputs with ``y > 0``.
+        peak_preacts: (d_sae,) max ``y`` over the window.
+        neuron_targets: (d_sae,) target frequency of each neuron's group.
+        neuron_groups: (d_sae,) int64 group of each neuron.
+        n_groups: number of groups.
+        gamma_plus: step size for raising dead neurons.
+        gamma_minus: step size for lowering over-active neurons.
+        dead_threshold: frequencies at or below this count as dead.
+
+    Returns:
+        (d_sae,) new biases, clamped to ``[BIAS_MIN, BIAS_MAX]`` by the steps.
+    """
+    positive = peak_preacts > 0
+    peaks = torch.where(positive, peak_preacts, torch.zeros_like(peak_preacts))
+    group_sum = torch.zeros(n_groups, dtype=peaks.dtype, device=peaks.device)
+    group_count = torch.zeros_like(group_sum)
+    group_sum.index_add_(0, neuron_groups, peaks)
+    group_count.index_add_(0, neuron_groups, positive.to(peaks.dtype))
+    overall = peaks.sum() / positive.sum() if positive.any() else peaks.new_tensor(1.0)
+    group_mean = torch.where(
+        group_count > 0, group_sum / group_count.clamp(min=1), overall
+    )
+
+    targets = neuron_targets.to(firing_frequency)
+    over_active = firing_frequency > targets
+    dead = firing_frequency <= dead_threshold
+    lowered = torch.clamp(bias - gamma_minus * peaks, min=BIAS_MIN)
+    raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
+    return torch.where(over_active, lowered, torch.where(dead, raised, bias))

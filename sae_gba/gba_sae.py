@@ -1,0 +1,464 @@
+"""GBA / BA sparse autoencoders as SAELens architectures (``architecture="gba"``).
+
+Forward, with unit-norm tied directions ``w_m``, output scales ``a_m`` and an input
+scale ``c`` fixed from the first training batch:
+
+    u_m = w_m . (x - b_pre)                 (raw units; exported as hidden_pre)
+    y_m = u_m / c + b_m                     (bias b_m in units of c: scale free)
+    z_m = u_m * 1[y_m > 0]                  (JumpReLU: the bias only gates)
+    x_hat = sum_m a_m w_m z_m + b_pre
+
+The loss is ``0.5 * |x_hat - x|^2 / c^2`` with no sparsity penalty. Adam trains
+``w``, ``a`` and ``b_pre / c``; the biases are buffers steered by bias adaptation
+(``bias_adaptation.adapt_biases``) every ``adaptation_interval`` steps. Because
+every trained quantity is in units of ``c``, multiplying the inputs by any constant
+changes nothing but ``c``. The exported SAE is SAELens's ``jumprelu``:
+``W_enc = w.T, b_enc = 0, threshold = -c * b, W_dec = a * w, b_dec = b_pre``.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from torch import nn
+from typing_extensions import override
+
+from sae_gba.bias_adaptation import (
+    accumulate_window,
+    adapt_biases,
+    group_index,
+    target_frequencies,
+)
+
+# Adaptation state: saved with training checkpoints, dropped from exported SAEs.
+WINDOW_BUFFERS = (
+    "window_fire_counts",
+    "window_peak_preacts",
+    "window_tokens",
+    "window_steps",
+)
+GBA_PARAMETERS = ("directions", "output_scale", "pre_bias", "gate_bias", "input_scale")
+
+
+@dataclass
+class GBASAEConfig(SAEConfig):
+    """Inference config for a GBA SAE in its native (tied) form, e.g. a checkpoint."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "gba"
+
+
+@dataclass
+class GBATrainingSAEConfig(TrainingSAEConfig):
+    """Training config for a GBA SAE (``n_groups=1`` is BA).
+
+    ``decoder_init_norm`` (inherited, default 0.1) is the initial output scale
+    ``a_m``: the theory's small-output-scale regime; ``None`` means 1.
+
+    Args:
+        n_groups: number of neuron groups K, each with its own target frequency.
+        high_target_freq: target firing frequency of the first group (HTF).
+        low_target_freq: target of the last group (LTF); geometric in between.
+        adaptation_interval: training steps between bias adaptations; the firing
+            statistics cover the steps since the previous adaptation.
+        gamma_plus: step size for raising the bias of dead neurons, in units of
+            their group's mean positive peak pre-activation.
+        gamma_minus: step size for lowering the bias of over-active neurons, in
+            units of their own peak pre-activation.
+        dead_threshold: a neuron whose window firing frequency is at or below this
+            is dead (0: did not fire in the window).
+    """
+
+    n_groups: int = 10
+    high_target_freq: float = 0.5
+    low_target_freq: float = 1e-4
+    adaptation_interval: int = 50
+    gamma_plus: float = 0.01
+    gamma_minus: float = 0.01
+    dead_threshold: float = 0.0
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "gba"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return JumpReLUSAEConfig
+
+    def __post_init__(self) -> None:
+        _validate_gba_config(self)
+        super().__post_init__()
+
+    @override
+    def add_training_info_to_metadata(self) -> None:
+        super().add_training_info_to_metadata()
+        targets = target_frequencies(
+            self.n_groups, self.high_target_freq, self.low_target_freq
+        )
+        groups = group_index(self.d_sae, self.n_groups)
+        self.metadata.gba_target_frequencies = targets.tolist()
+        self.metadata.gba_group_sizes = torch.bincount(
+            groups, minlength=self.n_groups
+        ).tolist()
+
+
+def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
+    def require(name: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ValueError(
+                f"GBATrainingSAEConfig.{name}={getattr(cfg, name)!r} is invalid: "
+                f"{allowed}"
+            )
+
+    require("d_in", cfg.d_in >= 1, "must be >= 1")
+    require("d_sae", cfg.d_sae >= 1, "must be >= 1")
+    require(
+        "n_groups", 1 <= cfg.n_groups <= cfg.d_sae, f"must be in [1, d_sae={cfg.d_sae}]"
+    )
+    require("high_target_freq", 0 < cfg.high_target_freq < 1, "must be in (0, 1)")
+    require("low_target_freq", 0 < cfg.low_target_freq < 1, "must be in (0, 1)")
+    require(
+        "low_target_freq",
+        cfg.n_groups == 1 or cfg.low_target_freq < cfg.high_target_freq,
+        f"must be < high_target_freq={cfg.high_target_freq} when n_groups > 1",
+    )
+    require("adaptation_interval", cfg.adaptation_interval >= 1, "must be >= 1")
+    require("gamma_plus", 0 <= cfg.gamma_plus <= 1, "must be in [0, 1]")
+    require("gamma_minus", 0 <= cfg.gamma_minus <= 1, "must be in [0, 1]")
+    require("dead_threshold", 0 <= cfg.dead_threshold < 1, "must be in [0, 1)")
+    require(
+        "decoder_init_norm",
+        cfg.decoder_init_norm is None or cfg.decoder_init_norm > 0,
+        "must be > 0 or None (the initial output scale)",
+    )
+    require(
+        "apply_b_dec_to_input",
+        cfg.apply_b_dec_to_input,
+        "must be True: GBA centres inputs on b_pre before projecting",
+    )
+    require(
+        "normalize_activations",
+        cfg.normalize_activations != "covariance_whitening",
+        "covariance_whitening is not supported by GBA (use none or "
+        "expected_average_only_in; GBA is scale-free by construction)",
+    )
+
+
+class _GBAForward:
+    """The tied GBA forward shared by the inference and training classes."""
+
+    cfg: SAEConfig
+    directions: nn.Parameter
+    output_scale: nn.Parameter
+    pre_bias: nn.Parameter
+    gate_bias: torch.Tensor
+    input_scale: torch.Tensor
+
+    def _init_gba_weights(self, output_scale_init: float) -> None:
+        d_sae, d_in = self.cfg.d_sae, self.cfg.d_in
+        dtype = self.dtype  # type: ignore[attr-defined]
+        device = self.device  # type: ignore[attr-defined]
+        directions = torch.randn(d_sae, d_in, dtype=dtype, device=device)
+        self.directions = nn.Parameter(
+            directions / directions.norm(dim=1, keepdim=True)
+        )
+        self.output_scale = nn.Parameter(
+            torch.full((d_sae,), output_scale_init, dtype=dtype, device=device)
+        )
+        self.pre_bias = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
+        # Controller state stays float32 whatever the SAE dtype: 1% bias steps round
+        # away in bfloat16.
+        self.register_buffer(  # type: ignore[attr-defined]
+            "gate_bias", torch.zeros(d_sae, dtype=torch.float32, device=device)
+        )
+        # 0 until the first training batch fixes it.
+        self.register_buffer(  # type: ignore[attr-defined]
+            "input_scale", torch.zeros((), dtype=torch.float32, device=device)
+        )
+
+    def _unit_directions(self) -> torch.Tensor:
+        # Normalising in the graph makes the gradient tangent to the sphere.
+        return self.directions / self.directions.norm(dim=1, keepdim=True)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        return self._unit_directions().T
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return self.output_scale[:, None] * self._unit_directions()
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        return self.pre_bias * self.input_scale.to(self.pre_bias)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """JumpReLU threshold on ``u`` in raw units."""
+        return -self.gate_bias * self.input_scale
+
+    def encode_with_hidden_pre(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (feature_acts, hidden_pre) with ``hidden_pre = u`` in raw units."""
+        sae_in = self._process_in(x)
+        hidden_pre = self.hook_sae_acts_pre(  # type: ignore[attr-defined]
+            (sae_in - self.b_dec) @ self.W_enc
+        )
+        gate = hidden_pre > self.threshold.to(hidden_pre)
+        return self.hook_sae_acts_post(hidden_pre * gate), hidden_pre  # type: ignore[attr-defined]
+
+    def _process_in(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"SAE input has last dimension {x.shape[-1]}, expected d_in={self.cfg.d_in}"
+                f" (input shape {tuple(x.shape)})"
+            )
+        sae_in = self.reshape_fn_in(x.to(self.dtype))  # type: ignore[attr-defined]
+        sae_in = self.hook_sae_input(sae_in)  # type: ignore[attr-defined]
+        return self.run_time_activation_norm_fn_in(sae_in)  # type: ignore[attr-defined]
+
+    def _jumprelu_state_dict(self) -> dict[str, torch.Tensor]:
+        """The exact JumpReLU form of this SAE (plain SAELens loads it)."""
+        with torch.no_grad():
+            return {
+                "W_enc": self.W_enc.detach().contiguous(),
+                "b_enc": torch.zeros_like(self.output_scale).detach(),
+                "W_dec": self.W_dec.detach().contiguous(),
+                "b_dec": self.b_dec.detach().contiguous(),
+                "threshold": self.threshold.to(self.output_scale).detach().contiguous(),
+            }
+
+
+class GBASAE(_GBAForward, SAE[GBASAEConfig]):
+    """Inference GBA SAE in its native form (loads GBA training checkpoints)."""
+
+    def __init__(self, cfg: GBASAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+    @override
+    def initialize_weights(self) -> None:
+        self._init_gba_weights(output_scale_init=1.0)
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_with_hidden_pre(x)[0]
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        for name in WINDOW_BUFFERS:
+            state_dict.pop(name, None)
+
+    @override
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError(
+            "fold_W_dec_norm is not defined for GBA: its directions are unit norm by "
+            "construction and the output scale is the decoder norm"
+        )
+
+
+class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
+    """GBA training SAE: tied weights, JumpReLU gate, biases by bias adaptation."""
+
+    window_fire_counts: torch.Tensor
+    window_peak_preacts: torch.Tensor
+    window_tokens: torch.Tensor
+    window_steps: torch.Tensor
+
+    def __init__(self, cfg: GBATrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self.register_buffer(
+            "window_fire_counts",
+            torch.zeros(cfg.d_sae, dtype=torch.int64, device=self.device),
+        )
+        self.register_buffer(
+            "window_peak_preacts",
+            torch.full(
+                (cfg.d_sae,), -torch.inf, dtype=torch.float32, device=self.device
+            ),
+        )
+        self.register_buffer(
+            "window_tokens", torch.zeros((), dtype=torch.int64, device=self.device)
+        )
+        self.register_buffer(
+            "window_steps", torch.zeros((), dtype=torch.int64, device=self.device)
+        )
+
+    @override
+    def initialize_weights(self) -> None:
+        init = self.cfg.decoder_init_norm
+        self._init_gba_weights(output_scale_init=1.0 if init is None else init)
+
+    @override
+    def _apply(self, *args: Any, **kwargs: Any) -> "GBATrainingSAE":
+        out = super()._apply(*args, **kwargs)
+        # nn.Module.to(dtype) casts float buffers; the controller state stays float32.
+        for name in ("gate_bias", "input_scale", "window_peak_preacts"):
+            buffer = self._buffers.get(name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return out
+
+    @override
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return {}
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        sae_in = step_input.sae_in
+        _check_finite(sae_in, step_input.n_training_steps)
+        self._before_step(sae_in)
+
+        feature_acts, hidden_pre = self.encode_with_hidden_pre(sae_in)
+        sae_out = self.decode(feature_acts)
+        scale = self.input_scale.to(sae_out)
+        mse_loss = 0.5 * ((sae_out - sae_in) / scale).pow(2).sum(dim=-1).mean()
+
+        with torch.no_grad():
+            preacts = hidden_pre.reshape(-1, self.cfg.d_sae) / scale + self.gate_bias
+            accumulate_window(
+                self.window_fire_counts, self.window_peak_preacts, preacts
+            )
+            self.window_tokens += preacts.shape[0]
+            self.window_steps += 1
+
+        return TrainStepOutput(
+            sae_in=sae_in,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=mse_loss,
+            losses={"mse_loss": mse_loss},
+            metrics={"gba/mean_gate_bias": lambda: self.gate_bias.mean()},
+        )
+
+    @torch.no_grad()
+    def _before_step(self, sae_in: torch.Tensor) -> None:
+        # State edits happen here, before the graph of this step is built.
+        if self.input_scale <= 0:
+            self._initialize_from_batch(sae_in)
+        if self.window_steps >= self.cfg.adaptation_interval:
+            self.adapt_biases()
+        self.directions.data /= self.directions.data.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def _initialize_from_batch(self, sae_in: torch.Tensor) -> None:
+        x = self._process_in(sae_in).reshape(-1, self.cfg.d_in).float()
+        mean = x.mean(dim=0)
+        scale = (x - mean).pow(2).sum(dim=-1).mean().sqrt()
+        if not torch.isfinite(scale) or scale <= 0:
+            raise ValueError(
+                f"cannot set the GBA input scale from the first batch: its centred RMS "
+                f"norm is {scale.item()} (inputs must vary; got {x.shape[0]} rows)"
+            )
+        self.input_scale.copy_(scale)
+        self.pre_bias.data.copy_((mean / scale).to(self.pre_bias))
+
+    @torch.no_grad()
+    def adapt_biases(self) -> None:
+        """Run one bias adaptation on the current window, then start a new window."""
+        frequency = self.window_fire_counts.double() / self.window_tokens.clamp(min=1)
+        cfg = self.cfg
+        groups = group_index(cfg.d_sae, cfg.n_groups).to(self.gate_bias.device)
+        targets = target_frequencies(
+            cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq
+        ).to(self.gate_bias.device)
+        self.gate_bias.copy_(
+            adapt_biases(
+                self.gate_bias,
+                frequency,
+                self.window_peak_preacts,
+                targets[groups],
+                groups,
+                self.cfg.n_groups,
+                self.cfg.gamma_plus,
+                self.cfg.gamma_minus,
+                self.cfg.dead_threshold,
+            )
+        )
+        self.window_fire_counts.zero_()
+        self.window_peak_preacts.fill_(-torch.inf)
+        self.window_tokens.zero_()
+        self.window_steps.zero_()
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        # Everything trained is in units of the input scale: only the scale moves.
+        self.input_scale /= scaling_factor
+        self.cfg.normalize_activations = "none"
+
+    @override
+    def fold_activation_whitening(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("covariance_whitening is not supported by GBA")
+
+    @override
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError(
+            "fold_W_dec_norm is not defined for GBA: directions are unit norm and the "
+            "output scale is the decoder norm"
+        )
+
+    @override
+    def process_state_dict_for_saving_inference(
+        self, state_dict: dict[str, Any]
+    ) -> None:
+        for name in (*GBA_PARAMETERS, *WINDOW_BUFFERS):
+            state_dict.pop(name, None)
+        state_dict.update(self._jumprelu_state_dict())
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        # SAELens's disk loader casts every tensor to cfg.dtype; counters are integers.
+        for name in ("window_fire_counts", "window_tokens", "window_steps"):
+            if name in state_dict:
+                state_dict[name] = state_dict[name].round().to(torch.int64)
+        for name in ("gate_bias", "input_scale", "window_peak_preacts"):
+            if name in state_dict:
+                state_dict[name] = state_dict[name].float()
+
+    def to_jumprelu(self) -> SAE[Any]:
+        """The exported inference SAE (SAELens ``JumpReLUSAE``) with the same outputs."""
+        cfg = JumpReLUSAEConfig.from_dict(self.cfg.get_inference_sae_cfg_dict())
+        sae = SAE.from_dict(cfg.to_dict())
+        sae.load_state_dict(self._jumprelu_state_dict())
+        return sae
+
+
+def _check_finite(sae_in: torch.Tensor, step: int) -> None:
+    finite = torch.isfinite(sae_in)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"SAE input at training step {step} has {bad} NaN/Inf values out of "
+            f"{sae_in.numel()} (shape {tuple(sae_in.shape)}); activations must be finite"
+        )

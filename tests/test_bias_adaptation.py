@@ -1,0 +1,106 @@
+"""The framework-free GBA core against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from sae_gba.bias_adaptation import (
+    BIAS_MAX,
+    BIAS_MIN,
+    accumulate_window,
+    adapt_biases,
+    group_index,
+    target_frequencies,
+)
+
+
+def test_target_frequencies__geometric_from_high_to_low():
+    targets = target_frequencies(3, 0.5, 0.005)
+    assert targets.tolist() == pytest.approx([0.5, 0.05, 0.005])
+    ten = target_frequencies(10, 0.5, 1e-4)
+    ratios = ten[1:] / ten[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios))
+    assert ten[0].item() == pytest.approx(0.5)
+    assert ten[-1].item() == pytest.approx(1e-4)
+    assert ratios[0].item() == pytest.approx((2e-4) ** (1 / 9))
+
+
+def test_target_frequencies__single_group_is_ba_at_high_target():
+    assert target_frequencies(1, 0.09, 0.001).tolist() == [0.09]
+
+
+def test_group_index__contiguous_balanced_blocks():
+    assert group_index(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+    sizes = torch.bincount(group_index(10, 3), minlength=3).tolist()
+    assert sorted(sizes) == [3, 3, 4]
+    assert group_index(5, 1).tolist() == [0] * 5
+
+
+def test_accumulate_window__counts_and_running_max():
+    counts = torch.zeros(3, dtype=torch.int64)
+    peaks = torch.full((3,), -math.inf)
+    accumulate_window(counts, peaks, torch.tensor([[0.5, -1.0, 0.0], [0.2, -2.0, 0.1]]))
+    accumulate_window(counts, peaks, torch.tensor([[0.9, -0.5, -0.1]]))
+    assert counts.tolist() == [3, 0, 1]
+    assert peaks.tolist() == pytest.approx([0.9, -0.5, 0.1])
+
+
+def _adapt(bias, frequency, peaks, targets, groups, n_groups, dead_threshold=0.0):
+    return adapt_biases(
+        torch.tensor(bias),
+        torch.tensor(frequency, dtype=torch.float64),
+        torch.tensor(peaks),
+        torch.tensor(targets, dtype=torch.float64),
+        torch.tensor(groups),
+        n_groups,
+        gamma_plus=0.1,
+        gamma_minus=0.2,
+        dead_threshold=dead_threshold,
+    )
+
+
+def test_adapt_biases__over_active_lowers_by_gamma_minus_times_own_peak():
+    new = _adapt([-0.1], [0.3], [0.5], [0.1], [0], 1)
+    assert new.tolist() == pytest.approx([-0.1 - 0.2 * 0.5])
+
+
+def test_adapt_biases__in_band_unchanged():
+    # fired, but not more often than its target
+    new = _adapt([-0.3, -0.4], [0.05, 0.1], [0.2, 0.3], [0.1, 0.1], [0, 0], 1)
+    assert new.tolist() == pytest.approx([-0.3, -0.4])
+
+
+def test_adapt_biases__dead_raised_by_group_mean_of_positive_peaks():
+    # group 0: neurons 0,1,2 (neuron 2 dead); group 1: neurons 3,4 (neuron 4 dead)
+    bias = [-0.2, -0.2, -0.5, -0.2, -0.6]
+    frequency = [0.01, 0.01, 0.0, 0.01, 0.0]
+    peaks = [0.4, 0.2, -0.3, 0.6, -0.1]
+    new = _adapt(bias, frequency, peaks, [0.1] * 5, [0, 0, 0, 1, 1], 2)
+    # group 0 mean positive peak = (0.4 + 0.2) / 2 = 0.3; group 1 = 0.6
+    assert new.tolist() == pytest.approx(
+        [-0.2, -0.2, -0.5 + 0.1 * 0.3, -0.2, -0.6 + 0.1 * 0.6]
+    )
+
+
+def test_adapt_biases__clamped_to_bounds():
+    new = _adapt([-0.95, -0.01], [0.9, 0.0], [1.0, -0.5], [0.1, 0.1], [0, 1], 2)
+    # neuron 0 would go to -1.15; neuron 1 (dead, its group has no positive peak)
+    # uses the overall mean positive peak 1.0 and would go to +0.09
+    assert new.tolist() == pytest.approx([BIAS_MIN, BIAS_MAX])
+
+
+def test_adapt_biases__nothing_fired_anywhere_uses_unit_step():
+    new = _adapt([-0.5, -0.7], [0.0, 0.0], [-0.1, -0.2], [0.1, 0.1], [0, 0], 1)
+    assert new.tolist() == pytest.approx([-0.4, -0.6])
+
+
+def test_adapt_biases__dead_threshold_counts_rare_firing_as_dead():
+    new = _adapt([-0.5], [0.001], [0.3], [0.1], [0], 1, dead_threshold=0.002)
+    assert new.tolist() == pytest.approx([-0.5 + 0.1 * 0.3])
+
+
+def test_adapt_biases__group_targets_differ_per_neuron():
+    # same frequency 0.05: over-active for the 0.01 group, in band for the 0.1 group
+    new = _adapt([-0.1, -0.1], [0.05, 0.05], [0.5, 0.5], [0.1, 0.01], [0, 1], 2)
+    assert new.tolist() == pytest.approx([-0.1, -0.1 - 0.2 * 0.5])

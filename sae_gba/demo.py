@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
     LoggingConfig,
 )
 from sae_lens.saes.sae import SAE
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from sae_gba.bias_adaptation import group_index, target_frequencies

@@ -44,8 +44,8 @@ class DemoConfig:
         training_tokens: training length (BOS positions excluded).
         batch_tokens: tokens per training step.
         adaptation_interval: steps between bias adaptations. The paper's 50 steps of
-            512 tokens suit runs of 10^8 tokens: a 6 * 10^5-token run would get only 23
-            adaptations. 10 steps (5,120-token windows) gives 117; 5 steps made the
+            512 tokens suit runs of 10^8 tokens: a 5.6 * 10^5-token run would get only 21
+            adaptations. 10 steps (5,120-token windows) gives 109; 5 steps made the
             top group overshoot its target (0.26x) on this model.
         lr: Adam learning rate.
         eval_windows: held-out context windows measured after training.
@@ -56,7 +56,7 @@ class DemoConfig:
     out: str = "runs/demo"
     layer: int = 9
     d_sae: int = 4096
-    training_tokens: int = 600_000
+    training_tokens: int = 560_000
     batch_tokens: int = 512
     adaptation_interval: int = 10
     lr: float = 3e-4

@@ -214,7 +214,11 @@ class _GBAForward:
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (feature_acts, hidden_pre) with ``hidden_pre = u`` in raw units."""
-        sae_in = self._process_in(x)
+        return self._encode_processed(self._process_in(x))
+
+    def _encode_processed(
+        self, sae_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_pre = self.hook_sae_acts_pre(  # type: ignore[attr-defined]
             (sae_in - self.b_dec) @ self.W_enc
         )
@@ -338,10 +342,18 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         _check_finite(sae_in, step_input.n_training_steps)
         self._before_step(sae_in)
 
-        feature_acts, hidden_pre = self.encode_with_hidden_pre(sae_in)
-        sae_out = self.decode(feature_acts)
-        scale = self.input_scale.to(sae_out)
-        mse_loss = 0.5 * ((sae_out - sae_in) / scale).pow(2).sum(dim=-1).mean()
+        # The loss lives where the SAE works: after SAELens's run-time normalisation
+        # (per-token with constant_norm_rescale), in units of the input scale.
+        processed_in = self._process_in(sae_in)
+        feature_acts, hidden_pre = self._encode_processed(processed_in)
+        processed_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        scale = self.input_scale.to(processed_out)
+        mse_loss = (
+            0.5 * ((processed_out - processed_in) / scale).pow(2).sum(dim=-1).mean()
+        )
+        sae_out = self.reshape_fn_out(
+            self.run_time_activation_norm_fn_out(processed_out), self.d_head
+        )
 
         with torch.no_grad():
             preacts = hidden_pre.reshape(-1, self.cfg.d_sae) / scale + self.gate_bias

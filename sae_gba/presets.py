@@ -1,0 +1,443 @@
+"""Model presets for GBA SAE training: the embedded showcase and the paper's Gemma-2-2B.
+
+A preset fixes the model, hook, widths and data of a run. :func:`gba_runner_config`
+turns one into an ordinary SAELens ``LanguageModelSAERunnerConfig`` (``architecture=
+"gba"``), :func:`load_hooked_model` loads its model (Gemma-2-2B from a local Hugging
+Face folder, since the Hub may be unreachable) and :func:`train_preset` runs SAELens's
+``LanguageModelSAETrainingRunner`` on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+
+from sae_gba.gba_sae import GBATrainingSAEConfig
+
+if TYPE_CHECKING:
+    import datasets
+    from sae_lens.saes.sae import TrainingSAE
+    from transformer_lens import HookedTransformer
+    from transformers import PretrainedConfig
+
+# A label only: the embedded data is passed to the runner as an in-memory dataset.
+EMBEDDED_DATASET = "sae_gba.embedded:wikipedia-train"
+# The saved sparsity covers this many final training tokens (as in the demo).
+LAST_WINDOW_TOKENS = 100_000
+_TOKEN_COLUMNS = ("tokens", "input_ids", "text")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """What one GBA training run is on: model, hook, widths, batch and data.
+
+    Args:
+        name: key in :data:`PRESETS`.
+        model_name: TransformerLens model name (its architecture config is used).
+        layer: residual stream block of the hook.
+        d_in: model width at the hook (the SAE input size).
+        d_sae: number of latents.
+        context_size: tokens per context window.
+        batch_tokens: tokens per training step.
+        training_tokens: training length in tokens.
+        dataset_path: Hugging Face dataset path SAELens reads when no local dataset
+            is given.
+        streaming: stream ``dataset_path`` instead of downloading it whole.
+        adaptation_interval: steps between bias adaptations.
+        lr: Adam learning rate.
+        store_batch_size_prompts: context windows per model forward pass.
+        n_batches_in_buffer: store batches mixed in the activation buffer.
+        seed: seed for the SAE initialisation and the data order.
+        hook_point: hook inside the block.
+    """
+
+    name: str
+    model_name: str
+    layer: int
+    d_in: int
+    d_sae: int
+    context_size: int
+    batch_tokens: int
+    training_tokens: int
+    dataset_path: str
+    streaming: bool
+    adaptation_interval: int
+    lr: float = 3e-4
+    store_batch_size_prompts: int = 16
+    n_batches_in_buffer: int = 32
+    seed: int = 0
+    hook_point: str = "hook_resid_post"
+
+    @property
+    def hook_name(self) -> str:
+        """The TransformerLens hook name at the preset's layer."""
+        return self.hook_name_at(self.layer)
+
+    def hook_name_at(self, layer: int) -> str:
+        """The TransformerLens hook name of this preset's hook point in block ``layer``."""
+        return f"blocks.{layer}.{self.hook_point}"
+
+
+# Mirrors the demo's defaults (sae_gba.demo.DemoConfig): 10-step adaptation windows
+# because a 6 * 10^5-token run gets too few 50-step ones.
+EMBEDDED = ModelPreset(
+    name="embedded",
+    model_name="google/gemma-3-270m",
+    layer=9,
+    d_in=640,
+    d_sae=4096,
+    context_size=128,
+    batch_tokens=512,
+    training_tokens=600_000,
+    dataset_path=EMBEDDED_DATASET,
+    streaming=False,
+    adaptation_interval=10,
+)
+
+# The paper's setup: Gemma-2-2B layer 12 residual stream, 65,536 latents, 512-token
+# batches and adaptation every 50 steps (the GBA defaults). The Pile is streamed;
+# 3 * 10^8 tokens is this preset's choice of "a few hundred million".
+GEMMA_2_2B = ModelPreset(
+    name="gemma-2-2b",
+    model_name="google/gemma-2-2b",
+    layer=12,
+    d_in=2304,
+    d_sae=65_536,
+    context_size=1024,
+    batch_tokens=512,
+    training_tokens=300_000_000,
+    dataset_path="monology/pile-uncopyrighted",
+    streaming=True,
+    adaptation_interval=GBATrainingSAEConfig.adaptation_interval,
+    # 8 x 1024-token windows per forward pass, 16 of them buffered: 131k tokens
+    # (1.2 GB of float32 activations at d_in 2304).
+    store_batch_size_prompts=8,
+    n_batches_in_buffer=16,
+)
+
+PRESETS: dict[str, ModelPreset] = {"embedded": EMBEDDED, "gemma-2-2b": GEMMA_2_2B}
+
+
+def gba_runner_config(
+    preset: ModelPreset,
+    *,
+    output_path: str,
+    d_sae: int | None = None,
+    training_tokens: int | None = None,
+    layer: int | None = None,
+    device: str = "cpu",
+    checkpoint_path: str | None = None,
+    **sae_overrides: Any,
+) -> LanguageModelSAERunnerConfig[GBATrainingSAEConfig]:
+    """An ordinary SAELens runner config for a GBA SAE on ``preset`` (wandb off).
+
+    Args:
+        preset: the model preset.
+        output_path: folder the final SAE is written to.
+        d_sae: number of latents; None keeps the preset's.
+        training_tokens: training length; None keeps the preset's.
+        layer: residual stream block; None keeps the preset's.
+        device: torch device for the SAE and the model.
+        checkpoint_path: folder for SAELens checkpoints; None saves none.
+        **sae_overrides: further ``GBATrainingSAEConfig`` fields (``n_groups``,
+            ``adaptation_interval``, ...).
+    """
+    layer = preset.layer if layer is None else layer
+    if layer < 0:
+        raise ValueError(f"layer must be >= 0, got {layer}")
+    training_tokens = preset.training_tokens if training_tokens is None else training_tokens
+    sae_kwargs: dict[str, Any] = {
+        "d_in": preset.d_in,
+        "d_sae": preset.d_sae if d_sae is None else d_sae,
+        "adaptation_interval": preset.adaptation_interval,
+        # GBA is scale free; per-token rescaling only keeps outlier tokens tame.
+        "normalize_activations": "constant_norm_rescale",
+        **sae_overrides,
+    }
+    total_steps = training_tokens // preset.batch_tokens
+    last_steps = math.ceil(LAST_WINDOW_TOKENS / preset.batch_tokens)
+    return LanguageModelSAERunnerConfig(
+        sae=GBATrainingSAEConfig(**sae_kwargs),
+        model_name=preset.model_name,
+        hook_name=preset.hook_name_at(layer),
+        dataset_path=preset.dataset_path,
+        streaming=preset.streaming,
+        context_size=preset.context_size,
+        prepend_bos=True,
+        # BOS activations are outliers (norms far above the rest) and not text.
+        exclude_special_tokens=True,
+        training_tokens=training_tokens,
+        train_batch_size_tokens=preset.batch_tokens,
+        store_batch_size_prompts=preset.store_batch_size_prompts,
+        n_batches_in_buffer=preset.n_batches_in_buffer,
+        lr=preset.lr,
+        # The last sparsity window (the one saved with the SAE) covers exactly the
+        # final LAST_WINDOW_TOKENS training tokens.
+        feature_sampling_window=max(total_steps - last_steps, last_steps + 1),
+        dead_feature_window=last_steps,
+        seed=preset.seed,
+        device=device,
+        logger=LoggingConfig(log_to_wandb=False),
+        output_path=output_path,
+        checkpoint_path=checkpoint_path,
+        verbose=False,
+    )
+
+
+def _gemma2_tl_overrides(hf: PretrainedConfig) -> dict[str, Any]:
+    """TransformerLens config fields read from a Hugging Face Gemma-2 config.
+
+    TransformerLens hard-codes Gemma-2-2B's 26-layer config by name; these fields
+    make the model follow the folder instead (depth, widths, vocab, attention).
+    """
+    from transformer_lens.utilities.activation_functions import SOFTCAP_DISABLED
+
+    rope = getattr(hf, "rope_parameters", None) or {}
+    return {
+        "n_layers": hf.num_hidden_layers,
+        "d_model": hf.hidden_size,
+        "n_heads": hf.num_attention_heads,
+        "n_key_value_heads": hf.num_key_value_heads,
+        "d_head": hf.head_dim,
+        "rotary_dim": hf.head_dim,
+        "d_mlp": hf.intermediate_size,
+        "d_vocab": hf.vocab_size,
+        "d_vocab_out": hf.vocab_size,
+        "act_fn": hf.hidden_activation,
+        "eps": hf.rms_norm_eps,
+        "rotary_base": rope.get("rope_theta", getattr(hf, "rope_theta", 10_000.0)),
+        "window_size": hf.sliding_window,
+        "attn_types": [
+            "local" if kind == "sliding_attention" else "global"
+            for kind in hf.layer_types
+        ],
+        # Gemma-2 divides attention scores by sqrt(query_pre_attn_scalar), not by
+        # sqrt(d_head) (they differ in the 27B model).
+        "attn_scale": hf.query_pre_attn_scalar**0.5,
+        "attn_scores_soft_cap": hf.attn_logit_softcapping or SOFTCAP_DISABLED,
+        "output_logits_soft_cap": hf.final_logit_softcapping or SOFTCAP_DISABLED,
+    }
+
+
+def _read_gemma2_config(folder: Path, d_in: int) -> PretrainedConfig:
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model folder {folder} does not exist; expected a local Hugging Face "
+            "Gemma-2 folder (config.json, weights, tokenizer)"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model folder {folder} has no config.json; expected a Hugging Face "
+            "Gemma-2 folder as written by save_pretrained"
+        )
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hf_config.model_type != "gemma2":
+        raise ValueError(
+            f"model folder {folder} holds a {hf_config.model_type!r} model; the "
+            "preset expects a Gemma-2 model (model_type 'gemma2')"
+        )
+    if hf_config.hidden_size != d_in:
+        raise ValueError(
+            f"model folder {folder} has hidden_size {hf_config.hidden_size}; the "
+            f"preset's SAE expects d_in {d_in}"
+        )
+    return hf_config
+
+
+def load_gemma2_folder(
+    folder: str | Path,
+    d_in: int = GEMMA_2_2B.d_in,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load a local Hugging Face Gemma-2 folder as an unprocessed HookedTransformer.
+
+    The architecture follows the folder's config (any depth, widths and vocab), so a
+    truncated or randomly initialised Gemma-2 loads as well as the real weights.
+
+    Args:
+        folder: folder with config.json, the weights and a tokenizer.
+        d_in: the model width the caller's SAE expects.
+        device: torch device for the weights.
+        dtype: weight dtype of the returned model.
+    """
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    hf_config = _read_gemma2_config(folder, d_in)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model folder {folder} has no usable tokenizer: {err}") from err
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, local_files_only=True
+    )
+    # HookedTransformer.from_pretrained would take TransformerLens's fixed Gemma-2-2B
+    # config, so its steps are done here with the folder's fields swapped in. The name
+    # supplies the Gemma-2 behaviour flags (post-norms, local attention, RMS norms).
+    base = loading.get_pretrained_model_config(
+        GEMMA_2_2B.model_name,
+        hf_cfg=hf_config.to_dict(),
+        fold_ln=False,
+        device=device,
+        dtype=dtype,
+        first_n_layers=hf_config.num_hidden_layers,
+    )
+    cfg = dataclasses.replace(base, **_gemma2_tl_overrides(hf_config))
+    state_dict = loading.get_pretrained_state_dict(
+        GEMMA_2_2B.model_name, cfg, hf_model, dtype=dtype
+    )
+    del hf_model
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.move_model_modules_to_device()
+    return model
+
+
+def load_hooked_model(
+    preset: ModelPreset,
+    model_path: str | None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load the preset's model as an unprocessed HookedTransformer.
+
+    Args:
+        preset: the model preset.
+        model_path: for Gemma-2 presets, a local Hugging Face folder; None loads
+            ``preset.model_name`` through TransformerLens (Hub or HF cache). The
+            embedded preset takes no path: its model ships with the package.
+        device: torch device for the weights.
+        dtype: weight dtype of the returned model.
+    """
+    from sae_gba.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
+
+    if preset.model_name == EMBEDDED_MODEL_NAME:
+        if model_path is not None:
+            raise ValueError(
+                f"preset {preset.name!r} loads the embedded Gemma-3-270M; it takes no "
+                f"model path (got {model_path!r})"
+            )
+        return load_embedded_model(device=device, dtype=dtype)
+    if not preset.model_name.startswith("google/gemma-2-"):
+        raise ValueError(f"preset {preset.name!r}: no loader for {preset.model_name}")
+    if model_path is not None:
+        return load_gemma2_folder(model_path, preset.d_in, device=device, dtype=dtype)
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer.from_pretrained_no_processing(
+        preset.model_name, device=device, dtype=dtype
+    )
+
+
+def load_local_dataset(path: str | Path) -> datasets.Dataset:
+    """Load a dataset folder written by ``save_to_disk`` (tokenized or text).
+
+    Args:
+        path: the folder; a DatasetDict folder must have a "train" split. Rows need a
+            "tokens" or "input_ids" column (pretokenized windows) or a "text" column.
+    """
+    import datasets
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder {folder} does not exist; expected a folder written by "
+            "datasets' save_to_disk"
+        )
+    try:
+        data = datasets.load_from_disk(str(folder))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"dataset folder {folder} is not a saved dataset ({err}); expected a "
+            "folder written by datasets' save_to_disk"
+        ) from err
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise ValueError(
+                f"dataset folder {folder} has splits {list(data)}; expected 'train'"
+            )
+        data = data["train"]
+    if not set(_TOKEN_COLUMNS) & set(data.column_names):
+        raise ValueError(
+            f"dataset folder {folder} has columns {data.column_names}; expected one "
+            f"of {list(_TOKEN_COLUMNS)}"
+        )
+    return data
+
+
+def train_preset(
+    preset: ModelPreset,
+    out: str | Path,
+    *,
+    model_path: str | None = None,
+    dataset_path: str | None = None,
+    d_sae: int | None = None,
+    training_tokens: int | None = None,
+    layer: int | None = None,
+    device: str = "cpu",
+) -> TrainingSAE[Any]:
+    """Train a GBA SAE on ``preset`` with SAELens's runner; the SAE goes to ``out/sae``.
+
+    Args:
+        preset: the model preset.
+        out: output folder (``sae`` and ``checkpoints`` inside).
+        model_path: local model folder (see :func:`load_hooked_model`).
+        dataset_path: local dataset folder (see :func:`load_local_dataset`); None
+            uses the embedded Wikipedia slice for the embedded preset and streams
+            ``preset.dataset_path`` otherwise.
+        d_sae: number of latents; None keeps the preset's.
+        training_tokens: training length; None keeps the preset's.
+        layer: residual stream block; None keeps the preset's.
+        device: torch device for the SAE and the model.
+
+    Returns:
+        The trained SAE (the exported JumpReLU form is in ``out/sae``).
+    """
+    from sae_lens import LanguageModelSAETrainingRunner
+
+    out = Path(out)
+    cfg = gba_runner_config(
+        preset,
+        output_path=str(out / "sae"),
+        checkpoint_path=str(out / "checkpoints"),
+        d_sae=d_sae,
+        training_tokens=training_tokens,
+        layer=layer,
+        device=device,
+    )
+    # Check the data before the (possibly minutes-long) model load.
+    dataset = load_local_dataset(dataset_path) if dataset_path is not None else None
+    model = load_hooked_model(preset, model_path, device=device)
+    layer = preset.layer if layer is None else layer
+    if layer >= model.cfg.n_layers:
+        raise ValueError(
+            f"layer {layer} does not exist: the model has {model.cfg.n_layers} layers"
+        )
+    if dataset is None and preset.dataset_path == EMBEDDED_DATASET:
+        from sae_gba.embedded import embedded_token_dataset
+
+        dataset = embedded_token_dataset("train", preset.context_size).shuffle(
+            seed=preset.seed
+        )
+    runner = LanguageModelSAETrainingRunner(
+        cfg, override_model=model, override_dataset=dataset
+    )
+    return runner.run()

@@ -5,6 +5,7 @@ import json
 from dataclasses import fields
 
 from sae_gba.demo import DemoConfig
+from sae_gba.presets import PRESETS
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -> None:
@@ -23,6 +24,21 @@ def main(argv: list[str] | None = None) -> None:
         "demo", help="train a GBA SAE on the embedded Gemma-3-270M and report on it"
     )
     _add_dataclass_options(demo, DemoConfig)
+    train = commands.add_parser(
+        "train", help="train a GBA SAE on a model preset through SAELens's runner"
+    )
+    train.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    train.add_argument("--out", required=True, help="output folder (SAE in OUT/sae)")
+    train.add_argument(
+        "--model-path", help="local Hugging Face model folder (Gemma-2 presets)"
+    )
+    train.add_argument(
+        "--dataset-path", help="local dataset folder written by save_to_disk"
+    )
+    train.add_argument("--d-sae", type=int, help="number of latents")
+    train.add_argument("--training-tokens", type=int, help="training length")
+    train.add_argument("--layer", type=int, help="residual stream block")
+    train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -32,6 +48,20 @@ def main(argv: list[str] | None = None) -> None:
         summary = run_demo(DemoConfig(**values))
         print(json.dumps({k: summary[k] for k in ("held_out", "groups")}, indent=1))
         print(f"wrote {values['out']}/summary.json and firing_frequencies.png")
+    elif args.command == "train":
+        from sae_gba.presets import train_preset
+
+        train_preset(
+            PRESETS[args.preset],
+            args.out,
+            model_path=args.model_path,
+            dataset_path=args.dataset_path,
+            d_sae=args.d_sae,
+            training_tokens=args.training_tokens,
+            layer=args.layer,
+            device=args.device,
+        )
+        print(f"wrote the SAE to {args.out}/sae")
 
 
 if __name__ == "__main__":

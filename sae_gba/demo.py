@@ -6,18 +6,13 @@ writes the SAE folder, ``summary.json`` and ``firing_frequencies.png``.
 """
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import (
-    LanguageModelSAERunnerConfig,
-    LanguageModelSAETrainingRunner,
-    LoggingConfig,
-)
+from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import SAE
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -28,79 +23,30 @@ from sae_gba.embedded import (
     embedded_token_dataset,
     load_embedded_model,
 )
-from sae_gba.gba_sae import GBATrainingSAEConfig
-
-LAST_WINDOW_TOKENS = 100_000
+from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
 
 
 @dataclass
 class DemoConfig:
-    """What the demo trains. Defaults fit the 20-minute, 2-core budget.
+    """What the demo trains: the embedded preset (``sae_gba.presets.EMBEDDED``).
 
     Args:
         out: output folder (SAE in ``out/sae``, summary and plot beside it).
         layer: residual stream layer of Gemma-3-270M (18 layers; 9 is the middle).
         d_sae: number of latents.
         training_tokens: training length (BOS positions excluded).
-        batch_tokens: tokens per training step.
-        adaptation_interval: steps between bias adaptations. The paper's 50 steps of
-            512 tokens suit runs of 10^8 tokens: a 5.6 * 10^5-token run would get only 21
-            adaptations. 10 steps (5,120-token windows) gives 109; 5 steps made the
-            top group overshoot its target (0.26x) on this model.
-        lr: Adam learning rate.
+        adaptation_interval: steps between bias adaptations (see ``EMBEDDED``).
         eval_windows: held-out context windows measured after training.
-        context_size: tokens per context window (BOS first).
         seed: seed for the SAE initialisation and the data order.
     """
 
     out: str = "runs/demo"
-    layer: int = 9
-    d_sae: int = 4096
-    training_tokens: int = 560_000
-    batch_tokens: int = 512
-    adaptation_interval: int = 10
-    lr: float = 3e-4
+    layer: int = EMBEDDED.layer
+    d_sae: int = EMBEDDED.d_sae
+    training_tokens: int = EMBEDDED.training_tokens
+    adaptation_interval: int = EMBEDDED.adaptation_interval
     eval_windows: int = 160
-    context_size: int = 128
-    seed: int = 0
-
-
-def runner_config(
-    cfg: DemoConfig,
-) -> LanguageModelSAERunnerConfig[GBATrainingSAEConfig]:
-    """The SAELens runner config for the demo (an ordinary ``architecture="gba"`` run)."""
-    total_steps = cfg.training_tokens // cfg.batch_tokens
-    last_steps = math.ceil(LAST_WINDOW_TOKENS / cfg.batch_tokens)
-    out = Path(cfg.out)
-    return LanguageModelSAERunnerConfig(
-        sae=GBATrainingSAEConfig(
-            d_in=640,
-            d_sae=cfg.d_sae,
-            adaptation_interval=cfg.adaptation_interval,
-            normalize_activations="constant_norm_rescale",
-        ),
-        model_name=EMBEDDED_MODEL_NAME,
-        hook_name=f"blocks.{cfg.layer}.hook_resid_post",
-        dataset_path="sae_gba.embedded:wikipedia-train",
-        is_dataset_tokenized=True,
-        streaming=False,
-        context_size=cfg.context_size,
-        prepend_bos=True,
-        exclude_special_tokens=True,
-        training_tokens=cfg.training_tokens,
-        train_batch_size_tokens=cfg.batch_tokens,
-        store_batch_size_prompts=16,
-        n_batches_in_buffer=32,
-        lr=cfg.lr,
-        # One sparsity window that covers exactly the last 100k training tokens.
-        feature_sampling_window=max(total_steps - last_steps, last_steps + 1),
-        dead_feature_window=last_steps,
-        seed=cfg.seed,
-        logger=LoggingConfig(log_to_wandb=False),
-        output_path=str(out / "sae"),
-        checkpoint_path=str(out / "checkpoints"),
-        verbose=False,
-    )
+    seed: int = EMBEDDED.seed
 
 
 @torch.no_grad()
@@ -211,11 +157,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = load_embedded_model()
-    train = embedded_token_dataset("train", context_size=cfg.context_size).shuffle(
-        seed=cfg.seed
+    preset = replace(EMBEDDED, seed=cfg.seed)
+    runner_cfg = gba_runner_config(
+        preset,
+        output_path=str(out / "sae"),
+        checkpoint_path=str(out / "checkpoints"),
+        d_sae=cfg.d_sae,
+        training_tokens=cfg.training_tokens,
+        layer=cfg.layer,
+        adaptation_interval=cfg.adaptation_interval,
     )
-    runner_cfg = runner_config(cfg)
+    model = load_embedded_model()
+    train = embedded_token_dataset("train", preset.context_size).shuffle(seed=cfg.seed)
     runner = LanguageModelSAETrainingRunner(
         runner_cfg, override_model=model, override_dataset=train
     )
@@ -229,7 +182,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         log_sparsity > -9, 10.0**log_sparsity, torch.zeros_like(log_sparsity)
     )
     gba = sae.cfg
-    window_tokens = cfg.batch_tokens * gba.adaptation_interval
+    window_tokens = preset.batch_tokens * gba.adaptation_interval
     groups = group_report(
         frequencies,
         gba.n_groups,
@@ -244,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         gba.low_target_freq,
         out / "firing_frequencies.png",
     )
-    held_out = embedded_token_dataset("held_out", context_size=cfg.context_size)
+    held_out = embedded_token_dataset("held_out", preset.context_size)
     eval_tokens = torch.tensor(held_out["tokens"][: cfg.eval_windows])
     exported = SAE.load_from_disk(sae_dir)
     metrics = held_out_metrics(exported, model, runner_cfg.hook_name, eval_tokens)

@@ -118,14 +118,23 @@ def test_export__plain_jumprelu_with_identical_outputs(tmp_path):
     assert torch.allclose(sae.to_jumprelu()(x), sae(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("normalize", ["constant_norm_rescale", "expected_average_only_in"])
+@pytest.mark.parametrize(
+    "normalize", ["constant_norm_rescale", "expected_average_only_in"]
+)
 def test_export__matches_under_saelens_input_normalisation(tmp_path, normalize):
     x = _synthetic(4096, scale=30.0)
     sae, trainer = _train(
-        x, steps=30, d_sae=64, n_groups=4, adaptation_interval=5, normalize_activations=normalize
+        x,
+        steps=30,
+        d_sae=64,
+        n_groups=4,
+        adaptation_interval=5,
+        normalize_activations=normalize,
     )
     # expected_average_only_in is folded into the weights at the end of fit()
-    assert sae.cfg.normalize_activations == ("none" if normalize != "constant_norm_rescale" else normalize)
+    assert sae.cfg.normalize_activations == (
+        "none" if normalize != "constant_norm_rescale" else normalize
+    )
     sae.save_inference_model(tmp_path)
     loaded = SAE.load_from_disk(tmp_path)
     probe = x[:256] * torch.linspace(0.5, 2.0, 256)[:, None]
@@ -135,7 +144,9 @@ def test_export__matches_under_saelens_input_normalisation(tmp_path, normalize):
 
 def test_loss__is_measured_after_per_token_normalisation():
     sae = GBATrainingSAE(
-        GBATrainingSAEConfig(d_in=16, d_sae=32, normalize_activations="constant_norm_rescale")
+        GBATrainingSAEConfig(
+            d_in=16, d_sae=32, normalize_activations="constant_norm_rescale"
+        )
     )
     x = _synthetic(256)
     x_loud = x * torch.logspace(0, 3, 256)[:, None]  # norms spanning three decades
@@ -143,7 +154,9 @@ def test_loss__is_measured_after_per_token_normalisation():
     loud = GBATrainingSAE(sae.cfg)
     loud.load_state_dict(sae.state_dict())
     loud.input_scale.zero_()
-    assert torch.allclose(loud.training_forward_pass(_step_input(x_loud)).loss, quiet, rtol=1e-4)
+    assert torch.allclose(
+        loud.training_forward_pass(_step_input(x_loud)).loss, quiet, rtol=1e-4
+    )
 
 
 def test_export__loads_in_a_process_that_never_imports_sae_gba(tmp_path):

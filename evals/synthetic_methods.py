@@ -1,0 +1,141 @@
+"""SAE methods on synthetic data, all trained by SAELens's own ``SAETrainer``.
+
+Every method sees the same batches (same data seed) and the same width, steps, batch
+size and learning rate; only the architecture and its sparsity setting differ.
+"""
+
+import contextlib
+import io
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+from sae_gba.gba_sae import GBATrainingSAEConfig
+from sae_gba.recovery import best_match_cosine
+from sae_gba.synthetic import SyntheticConfig, SyntheticFeatureModel
+from sae_gba.training import make_trainer
+
+METHODS = ("gba", "gba_wrong_range", "ba", "topk", "batchtopk", "l1")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run on synthetic data.
+
+    Args:
+        method: one of ``METHODS``.
+        data: the synthetic data model.
+        width: number of SAE neurons.
+        steps: training steps.
+        batch_size: samples per step.
+        lr: Adam learning rate.
+        seed: SAE initialisation and data-order seed.
+        k: TopK / BatchTopK sparsity.
+        l1_coefficient: L1 penalty for ``l1``.
+        gba: extra ``GBATrainingSAEConfig`` fields (e.g. targets, interval).
+        normalize_activations: SAELens input normalisation.
+    """
+
+    method: str
+    data: SyntheticConfig
+    width: int = 512
+    steps: int = 2000
+    batch_size: int = 512
+    lr: float = 1e-3
+    seed: int = 0
+    k: int | None = None
+    l1_coefficient: float = 1.0
+    gba: dict[str, Any] = field(default_factory=dict)
+    normalize_activations: str = "none"
+
+    def with_(self, **changes: Any) -> "RunSpec":
+        return replace(self, **changes)
+
+
+def feature_frequency(data: SyntheticConfig) -> float:
+    """Mean feature frequency of the data model."""
+    return SyntheticFeatureModel(data).feature_frequencies().mean().item()
+
+
+def build_sae(spec: RunSpec) -> TrainingSAE[Any]:
+    """The SAELens training SAE for a run (GBA through the plugin, others stock)."""
+    d = spec.data.d
+    common = {
+        "d_in": d,
+        "d_sae": spec.width,
+        "normalize_activations": spec.normalize_activations,
+    }
+    f = feature_frequency(spec.data)
+    if spec.method == "gba":
+        cfg: Any = GBATrainingSAEConfig(**common, **spec.gba)
+    elif spec.method == "gba_wrong_range":
+        # Every target at least a decade below the features' frequency.
+        gba = {"high_target_freq": f / 10, "low_target_freq": f / 1000, **spec.gba}
+        cfg = GBATrainingSAEConfig(**common, **gba)
+    elif spec.method == "ba":
+        cfg = GBATrainingSAEConfig(
+            **common, **{"n_groups": 1, "high_target_freq": f, **spec.gba}
+        )
+    elif spec.method in ("topk", "batchtopk"):
+        if spec.k is None:
+            raise ValueError(f"RunSpec.k is required for method={spec.method!r}")
+        config_class = (
+            TopKTrainingSAEConfig
+            if spec.method == "topk"
+            else BatchTopKTrainingSAEConfig
+        )
+        cfg = config_class(**common, k=spec.k)
+    elif spec.method == "l1":
+        cfg = StandardTrainingSAEConfig(**common, l1_coefficient=spec.l1_coefficient)
+    else:
+        raise ValueError(
+            f"RunSpec.method={spec.method!r} is invalid: must be one of {METHODS}"
+        )
+    return TrainingSAE.from_dict(cfg.to_dict())
+
+
+def dictionary(sae: TrainingSAE[Any]) -> torch.Tensor:
+    """The learned dictionary: decoder rows (for GBA the tied directions)."""
+    return sae.W_dec.detach().float()
+
+
+def train(spec: RunSpec) -> tuple[TrainingSAE[Any], SyntheticFeatureModel]:
+    """Train one run quietly; returns the SAE and the data model."""
+    model = SyntheticFeatureModel(spec.data)
+    torch.manual_seed(spec.seed)
+    sae = build_sae(spec)
+    stream = model.batches(spec.batch_size, seed=spec.seed)
+    trainer = make_trainer(
+        sae,
+        stream,
+        total_tokens=spec.steps * spec.batch_size,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+    )
+    with contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit()
+    return sae, model
+
+
+@torch.no_grad()
+def measure(
+    sae: TrainingSAE[Any], model: SyntheticFeatureModel, n_eval: int = 20_000
+) -> dict[str, Any]:
+    """Recovery and activity of a trained SAE on fresh samples."""
+    best = best_match_cosine(dictionary(sae), model.feature_directions)
+    x, _ = model.sample(n_eval, torch.Generator().manual_seed(10_007))
+    acts = sae.encode(x)
+    return {
+        "best_match": best,
+        "frr@0.8": (best > 0.8).float().mean().item(),
+        "frr@0.9": (best > 0.9).float().mean().item(),
+        "l0": (acts > 0).float().sum(-1).mean().item(),
+        "mean_activation": acts.mean(0),
+        "explained_variance": 1
+        - (sae.decode(acts) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum(),
+    }

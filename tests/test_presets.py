@@ -97,7 +97,7 @@ def test_gemma_2_2b_preset_is_the_papers_setup():
     assert (EMBEDDED.d_in, EMBEDDED.d_sae, EMBEDDED.training_tokens) == (
         640,
         4096,
-        600_000,
+        560_000,
     )
 
 

@@ -39,6 +39,17 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--training-tokens", type=int, help="training length")
     train.add_argument("--layer", type=int, help="residual stream block")
     train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    synth = commands.add_parser(
+        "synth", help="synthetic feature-recovery experiments (JSON + PNG)"
+    )
+    synth.add_argument(
+        "experiment",
+        choices=["imbalanced", "resonance", "consistency", "longtail", "ablate"],
+    )
+    synth.add_argument(
+        "--out", required=True, help="JSON path (the PNG goes beside it)"
+    )
+    synth.add_argument("--seeds", type=int, help="seeds per setting")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -62,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
             device=args.device,
         )
         print(f"wrote the SAE to {args.out}/sae")
+    elif args.command == "synth":
+        from evals.synthetic_lab import run_experiment
+
+        result = run_experiment(args.experiment, args.out, seeds=args.seeds)
+        print(json.dumps(result, indent=1)[:4000])
 
 
 if __name__ == "__main__":

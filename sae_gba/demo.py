@@ -37,6 +37,9 @@ class DemoConfig:
         training_tokens: training length (BOS positions excluded).
         adaptation_interval: steps between bias adaptations (see ``EMBEDDED``).
         eval_windows: held-out context windows measured after training.
+        lm_dtype: dtype of the language model's forward passes. bfloat16 harvests
+            1.9x faster here (1,508 vs 798 tokens/s) with activations at cosine
+            0.99999 (mean; min 0.995) to float32's; training stays float32.
         seed: seed for the SAE initialisation and the data order.
     """
 
@@ -46,6 +49,7 @@ class DemoConfig:
     training_tokens: int = EMBEDDED.training_tokens
     adaptation_interval: int = EMBEDDED.adaptation_interval
     eval_windows: int = 160
+    lm_dtype: str = "bfloat16"
     seed: int = EMBEDDED.seed
 
 
@@ -72,7 +76,7 @@ def held_out_metrics(
             stop_at_layer=layer + 1,
         )
         rows.append(cache[hook_name][:, 1:].reshape(-1, cache[hook_name].shape[-1]))
-    x = torch.cat(rows)
+    x = torch.cat(rows).float()
     mean = x.mean(dim=0)
     for chunk in x.split(4096):
         acts = sae.encode(chunk)
@@ -167,7 +171,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         layer=cfg.layer,
         adaptation_interval=cfg.adaptation_interval,
     )
-    model = load_embedded_model()
+    model = load_embedded_model(dtype=getattr(torch, cfg.lm_dtype))
     train = embedded_token_dataset("train", preset.context_size).shuffle(seed=cfg.seed)
     runner = LanguageModelSAETrainingRunner(
         runner_cfg, override_model=model, override_dataset=train

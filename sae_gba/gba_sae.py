@@ -79,6 +79,12 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
             units of their own peak pre-activation.
         dead_threshold: a neuron whose window firing frequency is at or below this
             is dead (0: did not fire in the window).
+        train_pre_bias: train ``b_pre`` with Adam. Off by default: ``b_pre`` stays at
+            the first batch's mean, as in the theory. A trained ``b_pre`` shifts every
+            neuron's projection at once, and the controller only raises neurons that
+            stopped firing, so frequencies that drift below target stay there: on
+            Gemma-3-270M layer 9 (2,048 latents, 560k tokens, 2 seeds) the 0.5 and
+            0.19 groups ended at 0.72-0.81x of target with it and 0.92-0.96x without.
     """
 
     n_groups: int = 10
@@ -88,6 +94,7 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     gamma_plus: float = 0.01
     gamma_minus: float = 0.01
     dead_threshold: float = 0.0
+    train_pre_bias: bool = False
 
     @override
     @classmethod
@@ -290,6 +297,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
 
     def __init__(self, cfg: GBATrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
+        self.pre_bias.requires_grad_(cfg.train_pre_bias)
         self.register_buffer(
             "window_fire_counts",
             torch.zeros(cfg.d_sae, dtype=torch.int64, device=self.device),

@@ -75,13 +75,23 @@ def test_biases_get_no_gradient_and_w_stays_unit_norm():
     sae, _ = _train(
         _synthetic(4096), steps=30, d_sae=64, n_groups=4, adaptation_interval=5
     )
-    names = {name for name, _ in sae.named_parameters()}
-    assert names == {"directions", "output_scale", "pre_bias"}
+    trained = {name for name, p in sae.named_parameters() if p.requires_grad}
+    assert trained == {"directions", "output_scale"}
     assert "gate_bias" in dict(sae.named_buffers())
     norms = sae.directions.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
     assert (sae.gate_bias < 0).any(), "bias adaptation never moved a bias"
     assert sae.gate_bias.min() >= -1 and sae.gate_bias.max() <= 0
+
+
+def test_pre_bias__fixed_at_the_data_mean_unless_trained():
+    x = _synthetic(4096) + 2.0
+    fixed, _ = _train(x, steps=20, d_sae=32, n_groups=2)
+    first_batch = x[TensorDataProvider(x, 128, seed=0)._order[:128]]
+    assert torch.allclose(fixed.b_dec, first_batch.mean(0), atol=1e-5)
+    trained, _ = _train(x, steps=20, d_sae=32, n_groups=2, train_pre_bias=True)
+    assert "pre_bias" in {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert not torch.allclose(trained.b_dec, first_batch.mean(0), atol=1e-3)
 
 
 def test_adaptation_runs_every_interval_on_the_window_since_the_last():

@@ -6,6 +6,7 @@ size and learning rate; only the architecture and its sparsity setting differ.
 
 import contextlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,12 +105,27 @@ def dictionary(sae: TrainingSAE[Any]) -> torch.Tensor:
     return sae.W_dec.detach().float()
 
 
-def train(spec: RunSpec) -> tuple[TrainingSAE[Any], SyntheticFeatureModel]:
-    """Train one run quietly; returns the SAE and the data model."""
+# The SAE's initial weights must not share a random stream with the true features:
+# ``torch.manual_seed(s)`` then ``randn(M, d)`` reproduces ``V`` of a data model with
+# seed ``s`` in its first n rows, so a GBA SAE would *start* on the true features.
+INIT_SEED_OFFSET = 1_000_003
+
+
+def train(
+    spec: RunSpec, probe: "Probe | None" = None
+) -> tuple[TrainingSAE[Any], SyntheticFeatureModel]:
+    """Train one run quietly; returns the SAE and the data model.
+
+    Args:
+        spec: the run.
+        probe: optional recorder of FRR during training.
+    """
     model = SyntheticFeatureModel(spec.data)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed + INIT_SEED_OFFSET)
     sae = build_sae(spec)
-    stream = model.batches(spec.batch_size, seed=spec.seed)
+    stream: Iterator[torch.Tensor] = model.batches(spec.batch_size, seed=spec.seed)
+    if probe is not None:
+        stream = probe.wrap(stream, sae, model)
     trainer = make_trainer(
         sae,
         stream,
@@ -120,6 +136,34 @@ def train(spec: RunSpec) -> tuple[TrainingSAE[Any], SyntheticFeatureModel]:
     with contextlib.redirect_stderr(io.StringIO()):
         trainer.fit()
     return sae, model
+
+
+class Probe:
+    """Records ``(step, FRR@0.8, FRR@0.9)`` every ``every`` steps of a training run.
+
+    Args:
+        every: steps between records.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.records: list[tuple[int, float, float]] = []
+
+    def wrap(
+        self,
+        stream: Iterator[torch.Tensor],
+        sae: TrainingSAE[Any],
+        model: SyntheticFeatureModel,
+    ) -> Iterator[torch.Tensor]:
+        """The stream, recording recovery before every ``every``-th batch."""
+        for step, batch in enumerate(stream):
+            if step % self.every == 0:
+                best = best_match_cosine(dictionary(sae), model.feature_directions)
+                self.records.append(
+                    (step, (best > 0.8).float().mean().item(),
+                     (best > 0.9).float().mean().item())
+                )  # fmt: skip
+            yield batch
 
 
 @torch.no_grad()

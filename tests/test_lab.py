@@ -1,0 +1,104 @@
+"""The synthetic lab: architectures, a seconds-long GBA recovery, the JSON schema."""
+
+import json
+
+import pytest
+import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.standard_sae import StandardTrainingSAE
+from sae_lens.saes.topk_sae import TopKTrainingSAE
+
+from evals.synthetic_lab import run_experiment
+from evals.synthetic_methods import INIT_SEED_OFFSET, RunSpec, build_sae, measure, train
+from sae_gba.gba_sae import GBATrainingSAE
+from sae_gba.synthetic import SyntheticFeatureModel, imbalanced_preset, uniform_preset
+
+TINY = RunSpec(method="gba", data=imbalanced_preset(), width=64, steps=4, batch_size=64)
+
+
+@pytest.mark.parametrize(
+    ("method", "k", "expected"),
+    [
+        ("gba", None, GBATrainingSAE),
+        ("gba_wrong_range", None, GBATrainingSAE),
+        ("ba", None, GBATrainingSAE),
+        ("topk", 5, TopKTrainingSAE),
+        ("batchtopk", 5, BatchTopKTrainingSAE),
+        ("l1", None, StandardTrainingSAE),
+    ],
+)
+def test_build_sae_architecture(method: str, k: int | None, expected: type) -> None:
+    sae = build_sae(TINY.with_(method=method, k=k))
+    assert type(sae) is expected
+    assert sae.cfg.d_in == 42 and sae.cfg.d_sae == 64
+
+
+def test_gba_variants_target_the_right_frequencies() -> None:
+    f = 23 / 256
+    ba = build_sae(TINY.with_(method="ba"))
+    assert ba.cfg.n_groups == 1 and ba.cfg.high_target_freq == pytest.approx(f)
+    wrong = build_sae(TINY.with_(method="gba_wrong_range"))
+    assert wrong.cfg.high_target_freq == pytest.approx(f / 10)
+
+
+def test_bad_method_and_missing_k_raise() -> None:
+    with pytest.raises(ValueError, match="method='nope' is invalid"):
+        build_sae(TINY.with_(method="nope"))
+    with pytest.raises(ValueError, match="k is required"):
+        build_sae(TINY.with_(method="topk"))
+
+
+def test_initialisation_does_not_start_on_the_true_features() -> None:
+    # Same seed for data and SAE once made GBA start *on* the features (FRR 1 at step 0).
+    spec = TINY.with_(width=512, data=uniform_preset(3))
+    torch.manual_seed(spec.seed + INIT_SEED_OFFSET)
+    sae = build_sae(spec)
+    best = (
+        (
+            torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+            @ SyntheticFeatureModel(spec.data).feature_directions.T
+        )
+        .max(0)
+        .values
+    )
+    assert float(best.max()) < 0.8
+
+
+def test_short_gba_run_recovers_most_features() -> None:
+    # Easy set: 16 features in 32 dims (no superposition), 2 active per sample.
+    # Measured (docs/synthetic_findings.md, section 3): FRR@0.8 = 0.88 / 1.00 / 0.94
+    # for seeds 0 / 1 / 2. Full recovery (FRR = 1) is NOT reliable yet for full-range
+    # GBA, so this guards the measured level rather than asserting 1.0.
+    data = uniform_preset(2, n_features=16, d=32, seed=0)
+    spec = RunSpec(
+        method="gba",
+        data=data,
+        width=128,
+        steps=800,
+        batch_size=256,
+        gba={"adaptation_interval": 5},
+    )
+    result = measure(*train(spec))
+    assert result["frr@0.8"] >= 0.85
+
+
+def test_imbalanced_json_schema(tmp_path) -> None:
+    out = tmp_path / "imbalanced.json"
+    run_experiment("imbalanced", out, seeds=1, base=TINY)
+    result = json.loads(out.read_text())
+    assert result["experiment"] == "imbalanced"
+    assert out.with_suffix(".png").is_file()
+    keys = {"method", "k", "frr@0.8", "frr@0.9", "frr@0.9_std", "seeds"}
+    for row in result["rows"]:
+        assert keys <= set(row)
+        assert 0.0 <= row["frr@0.9"] <= row["frr@0.8"] <= 1.0 and row["seeds"] == 1
+    assert [row["k"] for row in result["rows"] if row["method"] == "topk"] == [
+        20,
+        30,
+        50,
+    ]
+
+
+def test_bad_experiment_name_raises(tmp_path) -> None:
+    with pytest.raises(ValueError, match="experiment='nope' is invalid"):
+        run_experiment("nope", tmp_path / "x.json")

@@ -9,7 +9,8 @@ scale ``c`` fixed from the first training batch:
     x_hat = sum_m a_m w_m z_m + b_pre
 
 The loss is ``0.5 * |x_hat - x|^2 / c^2`` with no sparsity penalty. Adam trains
-``w``, ``a`` and ``b_pre / c``; the biases are buffers steered by bias adaptation
+``w`` and ``a`` (and ``b_pre / c`` with ``train_pre_bias``; by default ``b_pre`` stays at
+the first batch's mean); the biases are buffers steered by bias adaptation
 (``bias_adaptation.adapt_biases``) every ``adaptation_interval`` steps. Because
 every trained quantity is in units of ``c``, multiplying the inputs by any constant
 changes nothing but ``c``. The exported SAE is SAELens's ``jumprelu``:
@@ -159,8 +160,8 @@ def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
     require(
         "normalize_activations",
         cfg.normalize_activations != "covariance_whitening",
-        "covariance_whitening is not supported by GBA (use none or "
-        "expected_average_only_in; GBA is scale-free by construction)",
+        "covariance_whitening is not supported by GBA (use none, "
+        "expected_average_only_in, constant_norm_rescale or layer_norm)",
     )
 
 
@@ -242,6 +243,12 @@ class _GBAForward:
         sae_in = self.hook_sae_input(sae_in)  # type: ignore[attr-defined]
         return self.run_time_activation_norm_fn_in(sae_in)  # type: ignore[attr-defined]
 
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError(
+            "fold_W_dec_norm is not defined for GBA: its directions are unit norm by "
+            "construction and the output scale is the decoder norm"
+        )
+
     def _jumprelu_state_dict(self) -> dict[str, torch.Tensor]:
         """The exact JumpReLU form of this SAE (plain SAELens loads it)."""
         with torch.no_grad():
@@ -278,13 +285,6 @@ class GBASAE(_GBAForward, SAE[GBASAEConfig]):
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         for name in WINDOW_BUFFERS:
             state_dict.pop(name, None)
-
-    @override
-    def fold_W_dec_norm(self) -> None:
-        raise NotImplementedError(
-            "fold_W_dec_norm is not defined for GBA: its directions are unit norm by "
-            "construction and the output scale is the decoder norm"
-        )
 
 
 class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
@@ -440,13 +440,6 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     @override
     def fold_activation_whitening(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("covariance_whitening is not supported by GBA")
-
-    @override
-    def fold_W_dec_norm(self) -> None:
-        raise NotImplementedError(
-            "fold_W_dec_norm is not defined for GBA: directions are unit norm and the "
-            "output scale is the decoder norm"
-        )
 
     @override
     def process_state_dict_for_saving_inference(

@@ -17,7 +17,7 @@ import torch
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 DATA_STATE_FILENAME = "data_provider_state.json"
 
@@ -148,11 +148,3 @@ def resume_from_checkpoint(
     trainer.sae.process_state_dict_for_loading(state_dict)
     trainer.sae.load_state_dict(state_dict)
     data_provider.load_state_dict(json.loads((path / DATA_STATE_FILENAME).read_text()))
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file written atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)

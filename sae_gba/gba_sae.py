@@ -49,6 +49,9 @@ WINDOW_BUFFERS = (
     "window_steps",
 )
 GBA_PARAMETERS = ("directions", "output_scale", "pre_bias", "gate_bias", "input_scale")
+# Controller state kept in float32 whatever the SAE dtype, and integer counters.
+FLOAT32_STATE = ("gate_bias", "input_scale", "window_peak_preacts")
+COUNTER_STATE = ("window_fire_counts", "window_tokens", "window_steps")
 
 
 @dataclass
@@ -324,7 +327,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     def _apply(self, *args: Any, **kwargs: Any) -> "GBATrainingSAE":
         out = super()._apply(*args, **kwargs)
         # nn.Module.to(dtype) casts float buffers; the controller state stays float32.
-        for name in ("gate_bias", "input_scale", "window_peak_preacts"):
+        for name in FLOAT32_STATE:
             buffer = self._buffers.get(name)
             if buffer is not None and buffer.dtype != torch.float32:
                 self._buffers[name] = buffer.float()
@@ -452,10 +455,10 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         # SAELens's disk loader casts every tensor to cfg.dtype; counters are integers.
-        for name in ("window_fire_counts", "window_tokens", "window_steps"):
+        for name in COUNTER_STATE:
             if name in state_dict:
                 state_dict[name] = state_dict[name].round().to(torch.int64)
-        for name in ("gate_bias", "input_scale", "window_peak_preacts"):
+        for name in FLOAT32_STATE:
             if name in state_dict:
                 state_dict[name] = state_dict[name].float()
 

@@ -89,6 +89,12 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
             stopped firing, so frequencies that drift below target stay there: on
             Gemma-3-270M layer 9 (2,048 latents, 560k tokens, 2 seeds) the 0.5 and
             0.19 groups ended at 0.72-0.81x of target with it and 0.92-0.96x without.
+        train_output_scale: train the output scales ``a_m`` with Adam, as the paper
+            does. ``False`` keeps every ``a_m`` at ``decoder_init_norm``: the
+            theory's small-output-scale regime, where each neuron follows its own
+            firing region instead of competing to reconstruct. It recovers planted
+            features far better (see docs/synthetic_findings.md) but reconstructs
+            worse, so it is for recovery studies, not the default.
     """
 
     n_groups: int = 10
@@ -99,6 +105,7 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     gamma_minus: float = 0.01
     dead_threshold: float = 0.0
     train_pre_bias: bool = False
+    train_output_scale: bool = True
 
     @override
     @classmethod
@@ -301,6 +308,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     def __init__(self, cfg: GBATrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
         self.pre_bias.requires_grad_(cfg.train_pre_bias)
+        self.output_scale.requires_grad_(cfg.train_output_scale)
         self.register_buffer(
             "window_fire_counts",
             torch.zeros(cfg.d_sae, dtype=torch.int64, device=self.device),
@@ -359,9 +367,10 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         feature_acts, hidden_pre = self._encode_processed(processed_in)
         processed_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         scale = self.input_scale.to(processed_out)
-        mse_loss = (
-            0.5 * ((processed_out - processed_in) / scale).pow(2).sum(dim=-1).mean()
-        )
+        # Per-dimension squared errors through SAELens's mse_loss_fn hook, so a
+        # weighted subclass (sae_gba.weighted) can weight them.
+        squared_error = self.mse_loss_fn(processed_out, processed_in)
+        mse_loss = 0.5 * (squared_error / scale.square()).sum(dim=-1).mean()
         sae_out = self.reshape_fn_out(
             self.run_time_activation_norm_fn_out(processed_out), self.d_head
         )

@@ -10,12 +10,15 @@ from sae_lens.registry import (
 )
 
 from sae_gba.gba_sae import GBASAE, GBASAEConfig, GBATrainingSAE, GBATrainingSAEConfig
+from sae_gba.weighted import WEIGHTED_CLASSES
 
 INFERENCE_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
     "gba": (GBASAE, GBASAEConfig),
 }
+# The weighted_<base> architectures are training-only: they export as their base.
 TRAINING_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
     "gba": (GBATrainingSAE, GBATrainingSAEConfig),
+    **{f"weighted_{base}": classes for base, classes in WEIGHTED_CLASSES.items()},
 }
 
 

@@ -9,9 +9,12 @@ directions) and a fresh SAE initialisation, so "3 seeds" means 3 independent dat
 
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from evals.synthetic_methods import RunSpec, feature_frequency, measure, train
+from evals.synthetic_methods import (
+    Probe,
+    RunSpec,
+    dictionary,
+    feature_frequency,
+    measure,
+    train,
+)
 from evals.synthetic_plots import plot
 from sae_gba.recovery import cross_seed_consistency, recovery_by_frequency
-from sae_gba.synthetic import imbalanced_preset, longtail_preset, uniform_preset
+from sae_gba.synthetic import (
+    SyntheticFeatureModel,
+    imbalanced_preset,
+    longtail_preset,
+    uniform_preset,
+)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -44,19 +59,61 @@ def seeded(spec: RunSpec, seed: int) -> RunSpec:
     return spec.with_(seed=seed, data=replace(spec.data, seed=seed))
 
 
-def _row(name: str, spec: RunSpec, seeds: int, **extra: Any) -> dict[str, Any]:
-    """Train ``spec`` on ``seeds`` seeds; mean FRR (and per-seed values).
+def _run(spec: RunSpec, probe_every: int | None = None) -> dict[str, Any]:
+    """Train and measure one run; the result also holds the dictionary and probe."""
+    probe = Probe(probe_every) if probe_every else None
+    sae, model = train(spec, probe)
+    result = measure(sae, model)
+    result["dictionary"] = dictionary(sae)
+    result["trajectory"] = probe.records if probe else None
+    return result
+
+
+def _single_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_all(
+    specs: list[RunSpec], workers: int = 1, probe_every: int | None = None
+) -> list[dict[str, Any]]:
+    """Train and measure every run, in ``workers`` processes of one thread each.
+
+    Synthetic runs are small matmuls that one thread runs nearly as fast as many,
+    so a process per core gives close to a core's worth of speed-up each.
+
+    Args:
+        specs: the runs.
+        workers: processes (1: run here, in order).
+        probe_every: record recovery every this many steps (None: do not).
+
+    Returns:
+        ``measure``'s dict per run, in order, plus ``dictionary`` and ``trajectory``.
+    """
+    if workers <= 1 or len(specs) <= 1:
+        return [_run(spec, probe_every) for spec in tqdm(specs, desc="runs")]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        min(workers, len(specs)), mp_context=context, initializer=_single_thread
+    ) as pool:
+        futures = [pool.submit(_run, spec, probe_every) for spec in specs]
+        return [future.result() for future in tqdm(futures, desc="runs")]
+
+
+DEFAULT_WORKERS = os.cpu_count() or 1
+
+
+def _row(name: str, spec: RunSpec, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean FRR (and per-seed values) of one setting's seeded runs.
 
     Args:
         name: the method label of the row.
         spec: the setting.
-        seeds: number of seeds (0 .. seeds-1).
-        extra: further fields for the row.
+        results: ``run_all``'s results for seeds 0 .. len(results) - 1.
 
     Returns:
         The row.
     """
-    results = [measure(*train(seeded(spec, seed))) for seed in range(seeds)]
+    seeds = len(results)
     frr8, frr8_std = _mean_std([r["frr@0.8"] for r in results])
     frr9, frr9_std = _mean_std([r["frr@0.9"] for r in results])
     return {
@@ -73,8 +130,19 @@ def _row(name: str, spec: RunSpec, seeds: int, **extra: Any) -> dict[str, Any]:
             float(r["explained_variance"]) for r in results
         ),
         "seeds": seeds,
-        **extra,
     }
+
+
+def _rows(
+    named_specs: list[tuple[str, RunSpec]], seeds: int, workers: int
+) -> list[dict[str, Any]]:
+    """One row per ``(name, spec)``, each over ``seeds`` seeds, all runs in parallel."""
+    runs = [seeded(spec, seed) for _, spec in named_specs for seed in range(seeds)]
+    results = run_all(runs, workers)
+    return [
+        _row(name, spec, results[i * seeds : (i + 1) * seeds])
+        for i, (name, spec) in enumerate(named_specs)
+    ]
 
 
 def _settings(base: RunSpec) -> dict[str, Any]:
@@ -89,12 +157,15 @@ def _settings(base: RunSpec) -> dict[str, Any]:
     }
 
 
-def imbalanced(seeds: int = 3, base: RunSpec | None = None) -> dict[str, Any]:
+def imbalanced(
+    seeds: int = 3, base: RunSpec | None = None, workers: int = DEFAULT_WORKERS
+) -> dict[str, Any]:
     """The paper's table: n = 128, d = 42, half the samples s = 3, half s = 20.
 
     Args:
         seeds: seeds per method.
         base: the shared setting (default: the imbalanced preset, lab defaults).
+        workers: parallel training processes.
 
     Returns:
         ``{"experiment": "imbalanced", "rows": [...], ...}``.
@@ -102,15 +173,15 @@ def imbalanced(seeds: int = 3, base: RunSpec | None = None) -> dict[str, Any]:
     base = base or RunSpec(method="gba", data=imbalanced_preset())
     specs = [
         ("gba", base),
+        ("gba_frozen_scale", base.with_(method="gba_frozen_scale")),
         ("gba_wrong_range", base.with_(method="gba_wrong_range")),
         ("ba", base.with_(method="ba")),
         *[("topk", base.with_(method="topk", k=k)) for k in (20, 30, 50)],
         ("batchtopk", base.with_(method="batchtopk", k=20)),
     ]
-    rows = [_row(name, spec, seeds) for name, spec in tqdm(specs, desc="imbalanced")]
     return {
         "experiment": "imbalanced",
-        "rows": rows,
+        "rows": _rows(specs, seeds, workers),
         "feature_frequency": feature_frequency(base.data),
         "settings": _settings(base),
     }
@@ -121,38 +192,42 @@ def resonance(
     base: RunSpec | None = None,
     dims: tuple[int, ...] = (8, 42),
     ratios: tuple[float, ...] = tuple(2.0**e for e in range(-4, 4)),
+    workers: int = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
     """BA with its target p swept around the feature frequency f, for d < / > sqrt(n).
+
+    BA runs in the theory's regime (output scale frozen at its small initial value),
+    the regime the resonance statement is about.
 
     Args:
         seeds: seeds per cell.
         base: the shared setting (its data's n_features is used; s = 3 uniform).
         dims: input dimensions d to compare with sqrt(n).
         ratios: values of p / f.
+        workers: parallel training processes.
 
     Returns:
         ``{"experiment": "resonance", "cells": [{"d", "p_over_f", "frr@0.8", ...}]}``.
     """
     base = base or RunSpec(method="ba", data=uniform_preset(sparsity=3))
-    n_features = base.data.n_features
-    cells = []
-    for d in tqdm(dims, desc="resonance d"):
+    grid, specs = [], []
+    for d in dims:
         data = replace(base.data, d=d)
         f = feature_frequency(data)
         for ratio in ratios:
             target = min(0.5, ratio * f)
-            spec = base.with_(method="ba", data=data, gba={"high_target_freq": target})
-            row = _row("ba", spec, seeds)
-            cells.append(
-                {
-                    "d": d,
-                    "p_over_f": ratio,
-                    "p": target,
-                    "frr@0.8": row["frr@0.8"],
-                    "frr@0.9": row["frr@0.9"],
-                    "frr@0.9_per_seed": row["frr@0.9_per_seed"],
-                }
-            )
+            gba = {**base.gba, "high_target_freq": target, "train_output_scale": False}
+            grid.append({"d": d, "p_over_f": ratio, "p": target})
+            specs.append(("ba", base.with_(method="ba", data=data, gba=gba)))
+    rows = _rows(specs, seeds, workers)
+    cells = [
+        {
+            **cell,
+            **{key: row[key] for key in ("frr@0.8", "frr@0.9", "frr@0.9_per_seed")},
+        }
+        for cell, row in zip(grid, rows, strict=True)
+    ]
+    n_features = base.data.n_features
     return {
         "experiment": "resonance",
         "n_features": n_features,
@@ -163,7 +238,10 @@ def resonance(
 
 
 def consistency(
-    seeds: int = 3, base: RunSpec | None = None, top_fraction: float = 0.1
+    seeds: int = 3,
+    base: RunSpec | None = None,
+    top_fraction: float = 0.1,
+    workers: int = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
     """Cross-seed consistency of the most active neurons (the paper's MCS > 0.9).
 
@@ -173,6 +251,7 @@ def consistency(
         seeds: runs per method (>= 2).
         base: the shared setting.
         top_fraction: fraction of neurons selected by mean activation.
+        workers: parallel training processes.
 
     Returns:
         ``{"experiment": "consistency", "rows": [{"method", "consistency", ...}]}``.
@@ -182,17 +261,19 @@ def consistency(
     base = base or RunSpec(method="gba", data=imbalanced_preset())
     specs = {
         "gba": base,
+        "gba_frozen_scale": base.with_(method="gba_frozen_scale"),
         "topk": base.with_(method="topk", k=20),
         "l1": base.with_(method="l1"),
     }
+    runs = [spec.with_(seed=seed) for spec in specs.values() for seed in range(seeds)]
+    results = run_all(runs, workers)
     rows = []
-    for name, spec in tqdm(specs.items(), desc="consistency"):
-        runs = [train(spec.with_(seed=seed)) for seed in range(seeds)]
-        measured = [measure(*run) for run in runs]
+    for i, (name, spec) in enumerate(specs.items()):
+        measured = results[i * seeds : (i + 1) * seeds]
         pairs = [
             cross_seed_consistency(
-                runs[a][0].W_dec.detach(),
-                runs[b][0].W_dec.detach(),
+                measured[a]["dictionary"],
+                measured[b]["dictionary"],
                 measured[a]["mean_activation"],
                 top_fraction=top_fraction,
             )
@@ -204,6 +285,7 @@ def consistency(
         rows.append(
             {
                 "method": name,
+                "k": spec.k,
                 "consistency": mean,
                 "consistency_std": std,
                 "frr@0.9": statistics.fmean(m["frr@0.9"] for m in measured),
@@ -218,12 +300,15 @@ def consistency(
     }
 
 
-def longtail(seeds: int = 1, base: RunSpec | None = None) -> dict[str, Any]:
+def longtail(
+    seeds: int = 1, base: RunSpec | None = None, workers: int = DEFAULT_WORKERS
+) -> dict[str, Any]:
     """Recovery per feature-frequency bucket on a long-tailed data model.
 
     Args:
         seeds: seeds per method.
         base: the shared setting (default: the long-tail preset, n = 128, d = 42).
+        workers: parallel training processes.
 
     Returns:
         ``{"experiment": "longtail", "rows": [{"method", "seed", "buckets"}]}``.
@@ -231,29 +316,68 @@ def longtail(seeds: int = 1, base: RunSpec | None = None) -> dict[str, Any]:
     base = base or RunSpec(method="gba", data=longtail_preset())
     specs = {
         "gba": base,
+        "gba_frozen_scale": base.with_(method="gba_frozen_scale"),
         "ba": base.with_(method="ba"),
         "topk": base.with_(method="topk", k=4),
     }
-    rows = []
-    for name, spec in tqdm(specs.items(), desc="longtail"):
-        for seed in range(seeds):
-            sae, model = train(seeded(spec, seed))
-            measured = measure(sae, model)
-            buckets = recovery_by_frequency(
+    named = [(name, seed) for name in specs for seed in range(seeds)]
+    runs = [seeded(specs[name], seed) for name, seed in named]
+    results = run_all(runs, workers)
+    rows = [
+        {
+            "method": name,
+            "seed": seed,
+            "frr@0.9": measured["frr@0.9"],
+            "buckets": recovery_by_frequency(
                 measured["best_match"],
-                model.feature_frequencies(),
+                SyntheticFeatureModel(run.data).feature_frequencies(),
                 n_buckets=4,
                 threshold=0.9,
-            )
-            rows.append(
-                {
-                    "method": name,
-                    "seed": seed,
-                    "frr@0.9": measured["frr@0.9"],
-                    "buckets": buckets,
-                }
-            )
+            ),
+        }
+        for (name, seed), run, measured in zip(named, runs, results, strict=True)
+    ]
     return {"experiment": "longtail", "rows": rows, "settings": _settings(base)}
+
+
+def planted(
+    seeds: int = 1, base: RunSpec | None = None, workers: int = DEFAULT_WORKERS
+) -> dict[str, Any]:
+    """Training started ON the true features: are they a stable point?
+
+    If a method's loss keeps falling while its recovery falls from 1, the true
+    features are not what that method's objective converges to on these data, and
+    no initialisation or schedule will make it recover them.
+
+    Args:
+        seeds: seeds per method.
+        base: the shared setting (default: imbalanced preset, planted start).
+        workers: parallel training processes.
+
+    Returns:
+        ``{"experiment": "planted", "rows": [{"method", "trajectory", ...}]}``.
+    """
+    base = (base or RunSpec(method="gba", data=imbalanced_preset())).with_(planted=True)
+    specs = {
+        "gba": base,
+        "gba_frozen_scale": base.with_(method="gba_frozen_scale"),
+        "topk": base.with_(method="topk", k=20),
+    }
+    named = [(name, seed) for name in specs for seed in range(seeds)]
+    runs = [seeded(specs[name], seed) for name, seed in named]
+    results = run_all(runs, workers, probe_every=max(1, base.steps // 20))
+    rows = [
+        {
+            "method": name,
+            "k": run.k,
+            "seed": seed,
+            **{key: measured[key] for key in ("frr@0.8", "frr@0.9", "l0")},
+            "explained_variance": measured["explained_variance"],
+            "trajectory": measured["trajectory"],
+        }
+        for (name, seed), run, measured in zip(named, runs, results, strict=True)
+    ]
+    return {"experiment": "planted", "rows": rows, "settings": _settings(base)}
 
 
 def ablation_variants(base: RunSpec) -> list[tuple[str, RunSpec]]:
@@ -271,6 +395,7 @@ def ablation_variants(base: RunSpec) -> list[tuple[str, RunSpec]]:
 
     return [
         ("default", base),
+        ("train_output_scale=False", gba(train_output_scale=False)),
         ("output_scale_init=1", gba(decoder_init_norm=1.0)),
         ("output_scale_init=0.01", gba(decoder_init_norm=0.01)),
         ("width/2", base.with_(width=base.width // 2)),
@@ -282,6 +407,7 @@ def ablation_variants(base: RunSpec) -> list[tuple[str, RunSpec]]:
         ("n_groups=20", gba(n_groups=20)),
         ("htf=0.2", gba(high_target_freq=0.2)),
         ("htf=0.1", gba(high_target_freq=0.1)),
+        ("ltf=1e-3", gba(low_target_freq=1e-3)),
         ("adaptation_interval=10", gba(adaptation_interval=10)),
         ("adaptation_interval=250", gba(adaptation_interval=250)),
         ("per-sample norm", base.with_(normalize_activations="constant_norm_rescale")),
@@ -296,21 +422,30 @@ def ablation_variants(base: RunSpec) -> list[tuple[str, RunSpec]]:
     ]
 
 
-def ablate(seeds: int = 1, base: RunSpec | None = None) -> dict[str, Any]:
-    """GBA on the imbalanced set, one setting changed at a time from the default.
+def ablate(
+    seeds: int = 1, base: RunSpec | None = None, workers: int = DEFAULT_WORKERS
+) -> dict[str, Any]:
+    """GBA on the imbalanced set, one setting changed at a time, with the output
+    scale trained (the paper's recipe) and frozen (the theory's regime).
 
     Args:
         seeds: seeds per variant.
         base: the default GBA run.
+        workers: parallel training processes.
 
     Returns:
         ``{"experiment": "ablate", "rows": [{"variant", "method", "frr@0.8", ...}]}``.
     """
     base = base or RunSpec(method="gba", data=imbalanced_preset())
-    variants = ablation_variants(base)
-    rows = [_row(name, spec, seeds) for name, spec in tqdm(variants, desc="ablate")]
+    named = [
+        (f"{method}: {label}", spec.with_(method=method))
+        for method in ("gba", "gba_frozen_scale")
+        for label, spec in ablation_variants(base)
+        if not (method == "gba_frozen_scale" and "output_scale" in label)
+    ]
+    rows = _rows(named, seeds, workers)
     for row in rows:
-        row["variant"], row["method"] = row["method"], f"gba: {row['method']}"
+        row["method"], row["variant"] = row["method"].split(": ", 1)
     return {"experiment": "ablate", "rows": rows, "settings": _settings(base)}
 
 
@@ -320,6 +455,7 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "consistency": consistency,
     "longtail": longtail,
     "ablate": ablate,
+    "planted": planted,
 }
 
 

@@ -21,7 +21,15 @@ from sae_gba.recovery import best_match_cosine
 from sae_gba.synthetic import SyntheticConfig, SyntheticFeatureModel
 from sae_gba.training import make_trainer
 
-METHODS = ("gba", "gba_wrong_range", "ba", "topk", "batchtopk", "l1")
+METHODS = (
+    "gba",
+    "gba_frozen_scale",
+    "gba_wrong_range",
+    "ba",
+    "topk",
+    "batchtopk",
+    "l1",
+)
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,14 @@ class RunSpec:
         l1_coefficient: L1 penalty for ``l1``.
         gba: extra ``GBATrainingSAEConfig`` fields (e.g. targets, interval).
         normalize_activations: SAELens input normalisation.
+        planted: start the first ``n_features`` neurons on the true features, to
+            test whether they are a stable point of the method's training.
     """
 
     method: str
     data: SyntheticConfig
     width: int = 512
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 512
     lr: float = 1e-3
     seed: int = 0
@@ -53,6 +63,7 @@ class RunSpec:
     l1_coefficient: float = 1.0
     gba: dict[str, Any] = field(default_factory=dict)
     normalize_activations: str = "none"
+    planted: bool = False
 
     def with_(self, **changes: Any) -> "RunSpec":
         return replace(self, **changes)
@@ -74,6 +85,10 @@ def build_sae(spec: RunSpec) -> TrainingSAE[Any]:
     f = feature_frequency(spec.data)
     if spec.method == "gba":
         cfg: Any = GBATrainingSAEConfig(**common, **spec.gba)
+    elif spec.method == "gba_frozen_scale":
+        # The theory's regime: output scales stay at their small initial value.
+        gba = {"train_output_scale": False, **spec.gba}
+        cfg = GBATrainingSAEConfig(**common, **gba)
     elif spec.method == "gba_wrong_range":
         # Every target at least a decade below the features' frequency.
         gba = {"high_target_freq": f / 10, "low_target_freq": f / 1000, **spec.gba}
@@ -105,6 +120,22 @@ def dictionary(sae: TrainingSAE[Any]) -> torch.Tensor:
     return sae.W_dec.detach().float()
 
 
+@torch.no_grad()
+def plant_features(sae: TrainingSAE[Any], features: torch.Tensor) -> None:
+    """Put the true features in the first neurons' encoder and decoder rows.
+
+    Args:
+        sae: a training SAE with ``d_sae >= n_features``.
+        features: unit-norm true features [n_features, d_in].
+    """
+    n_features = features.shape[0]
+    if hasattr(sae, "directions"):
+        sae.directions[:n_features] = features
+        return
+    sae.W_dec[:n_features] = features
+    sae.W_enc[:, :n_features] = features.T
+
+
 # The SAE's initial weights must not share a random stream with the true features:
 # ``torch.manual_seed(s)`` then ``randn(M, d)`` reproduces ``V`` of a data model with
 # seed ``s`` in its first n rows, so a GBA SAE would *start* on the true features.
@@ -123,6 +154,8 @@ def train(
     model = SyntheticFeatureModel(spec.data)
     torch.manual_seed(spec.seed + INIT_SEED_OFFSET)
     sae = build_sae(spec)
+    if spec.planted:
+        plant_features(sae, model.feature_directions)
     stream: Iterator[torch.Tensor] = model.batches(spec.batch_size, seed=spec.seed)
     if probe is not None:
         stream = probe.wrap(stream, sae, model)
@@ -139,7 +172,10 @@ def train(
 
 
 class Probe:
-    """Records ``(step, FRR@0.8, FRR@0.9)`` every ``every`` steps of a training run.
+    """Records recovery (and, after step 0, explained variance) during training.
+
+    Each record is ``{"step", "frr@0.8", "frr@0.9", "explained_variance"}``; the
+    variance is measured on a fixed sample of 4,096 fresh inputs.
 
     Args:
         every: steps between records.
@@ -147,7 +183,7 @@ class Probe:
 
     def __init__(self, every: int) -> None:
         self.every = every
-        self.records: list[tuple[int, float, float]] = []
+        self.records: list[dict[str, float | None]] = []
 
     def wrap(
         self,
@@ -155,15 +191,30 @@ class Probe:
         sae: TrainingSAE[Any],
         model: SyntheticFeatureModel,
     ) -> Iterator[torch.Tensor]:
-        """The stream, recording recovery before every ``every``-th batch."""
+        """The stream, recording before every ``every``-th batch."""
+        x, _ = model.sample(4096, torch.Generator().manual_seed(10_009))
         for step, batch in enumerate(stream):
             if step % self.every == 0:
                 best = best_match_cosine(dictionary(sae), model.feature_directions)
                 self.records.append(
-                    (step, (best > 0.8).float().mean().item(),
-                     (best > 0.9).float().mean().item())
-                )  # fmt: skip
+                    {
+                        "step": step,
+                        "frr@0.8": (best > 0.8).float().mean().item(),
+                        "frr@0.9": (best > 0.9).float().mean().item(),
+                        # GBA sets its input scale from the first batch.
+                        "explained_variance": (
+                            explained_variance(sae, x) if step else None
+                        ),
+                    }
+                )
             yield batch
+
+
+@torch.no_grad()
+def explained_variance(sae: TrainingSAE[Any], x: torch.Tensor) -> float:
+    """1 - |x - x_hat|^2 / |x - mean x|^2 over a sample."""
+    x_hat = sae.decode(sae.encode(x))
+    return (1 - (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
 
 
 @torch.no_grad()
@@ -180,6 +231,5 @@ def measure(
         "frr@0.9": (best > 0.9).float().mean().item(),
         "l0": (acts > 0).float().sum(-1).mean().item(),
         "mean_activation": acts.mean(0),
-        "explained_variance": 1
-        - (sae.decode(acts) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum(),
+        "explained_variance": explained_variance(sae, x),
     }

@@ -40,25 +40,24 @@ def _bars(
 
 
 def _resonance(ax: Any, result: dict[str, Any]) -> None:
-    """FRR@0.8 and @0.9 against p / f, one line pair per input dimension d."""
-    for d in sorted({cell["d"] for cell in result["cells"]}):
-        cells = sorted(
-            (c for c in result["cells"] if c["d"] == d), key=lambda c: c["p_over_f"]
-        )
-        ratios = [c["p_over_f"] for c in cells]
-        side = "<" if d < result["sqrt_n"] else ">"
-        for key, style in (("frr@0.8", "-o"), ("frr@0.9", "--s")):
-            ax.plot(
-                ratios,
-                [c[key] for c in cells],
-                style,
-                label=f"d={d} ({side} sqrt n) {key}",
-            )
-    ax.set_xscale("log", base=2)
+    """Heatmap of FRR@0.8 over (p / f, d), each cell annotated "FRR@0.8 / @0.9"."""
+    dims = sorted({cell["d"] for cell in result["cells"]})
+    ratios = sorted({cell["p_over_f"] for cell in result["cells"]})
+    cell_at = {(c["d"], c["p_over_f"]): c for c in result["cells"]}
+    grid = [[cell_at[d, r]["frr@0.8"] for r in ratios] for d in dims]
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i, d in enumerate(dims):
+        for j, r in enumerate(ratios):
+            cell = cell_at[d, r]
+            ax.text(j, i, f"{cell['frr@0.8']:.2f}\n{cell['frr@0.9']:.2f}",
+                    ha="center", va="center", fontsize=7, color="w")  # fmt: skip
+    ax.set_xticks(range(len(ratios)))
+    ax.set_xticklabels([f"{r:g}" for r in ratios])
+    ax.set_yticks(range(len(dims)))
+    side = {d: "<" if d < result["sqrt_n"] else ">" for d in dims}
+    ax.set_yticklabels([f"d={d} ({side[d]} sqrt n)" for d in dims])
     ax.set_xlabel("BA target frequency p / feature frequency f")
-    ax.set_ylabel("feature recovery rate")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
+    ax.figure.colorbar(image, ax=ax, label="FRR@0.8 (cell text: @0.8 / @0.9)")
 
 
 def _longtail(ax: Any, result: dict[str, Any]) -> None:
@@ -80,6 +79,23 @@ def _longtail(ax: Any, result: dict[str, Any]) -> None:
     ax.legend()
 
 
+def _planted(ax: Any, result: dict[str, Any]) -> None:
+    """FRR@0.9 (solid) and explained variance (dashed) over training, per run."""
+    for i, row in enumerate(result["rows"]):
+        colour = f"C{i}"
+        label = _label(row) + f" seed {row['seed']}"
+        steps = [r["step"] for r in row["trajectory"]]
+        ax.plot(steps, [r["frr@0.9"] for r in row["trajectory"]], "-", color=colour,
+                label=f"{label}: FRR@0.9")  # fmt: skip
+        later = [r for r in row["trajectory"] if r["explained_variance"] is not None]
+        ax.plot([r["step"] for r in later], [r["explained_variance"] for r in later],
+                "--", color=colour, label=f"{label}: EV")  # fmt: skip
+    ax.set_xlabel("training step (started on the true features)")
+    ax.set_ylabel("FRR@0.9 (solid) / explained variance (dashed)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+
+
 def plot(result: dict[str, Any], path: str | Path) -> None:
     """Draw ``result`` (any experiment's JSON dict) to ``path``.
 
@@ -99,6 +115,8 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
         _resonance(ax, result)
     elif name == "longtail":
         _longtail(ax, result)
+    elif name == "planted":
+        _planted(ax, result)
     else:
         raise ValueError(f"no plot for experiment {name!r}")
     ax.set_title(f"synthetic: {name}")

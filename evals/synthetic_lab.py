@@ -31,6 +31,7 @@ from evals.synthetic_methods import (
     train,
 )
 from evals.synthetic_plots import plot
+from evals.wsae_experiment import wsae_experiment
 from sae_gba.recovery import cross_seed_consistency, recovery_by_frequency
 from sae_gba.synthetic import (
     SyntheticFeatureModel,
@@ -397,19 +398,15 @@ def ablation_variants(base: RunSpec) -> list[tuple[str, RunSpec]]:
         ("default", base),
         ("train_output_scale=False", gba(train_output_scale=False)),
         ("output_scale_init=1", gba(decoder_init_norm=1.0)),
+        ("output_scale_init=0.3", gba(decoder_init_norm=0.3)),
         ("output_scale_init=0.01", gba(decoder_init_norm=0.01)),
-        ("width/2", base.with_(width=base.width // 2)),
         ("width*4", base.with_(width=base.width * 4)),
         ("steps*3", base.with_(steps=base.steps * 3)),
         ("lr/3", base.with_(lr=base.lr / 3)),
-        ("lr*3", base.with_(lr=base.lr * 3)),
         ("n_groups=3", gba(n_groups=3)),
-        ("n_groups=20", gba(n_groups=20)),
-        ("htf=0.2", gba(high_target_freq=0.2)),
         ("htf=0.1", gba(high_target_freq=0.1)),
         ("ltf=1e-3", gba(low_target_freq=1e-3)),
         ("adaptation_interval=10", gba(adaptation_interval=10)),
-        ("adaptation_interval=250", gba(adaptation_interval=250)),
         ("per-sample norm", base.with_(normalize_activations="constant_norm_rescale")),
         (
             "coefficients=constant",
@@ -441,7 +438,7 @@ def ablate(
         (f"{method}: {label}", spec.with_(method=method))
         for method in ("gba", "gba_frozen_scale")
         for label, spec in ablation_variants(base)
-        if not (method == "gba_frozen_scale" and "output_scale" in label)
+        if not (method == "gba_frozen_scale" and label.startswith("train_output"))
     ]
     rows = _rows(named, seeds, workers)
     for row in rows:
@@ -456,6 +453,7 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "longtail": longtail,
     "ablate": ablate,
     "planted": planted,
+    "wsae": wsae_experiment,
 }
 
 

@@ -121,19 +121,27 @@ def dictionary(sae: TrainingSAE[Any]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plant_features(sae: TrainingSAE[Any], features: torch.Tensor) -> None:
-    """Put the true features in the first neurons' encoder and decoder rows.
+def plant_features(sae: TrainingSAE[Any], features: torch.Tensor) -> torch.Tensor:
+    """Put the true features in evenly spaced neurons' encoder and decoder rows.
+
+    Spacing them (rather than using the first neurons) spreads them over GBA's
+    contiguous groups, so each target frequency holds some of them.
 
     Args:
         sae: a training SAE with ``d_sae >= n_features``.
         features: unit-norm true features [n_features, d_in].
+
+    Returns:
+        The indices of the planted neurons.
     """
     n_features = features.shape[0]
+    neurons = torch.arange(n_features) * (sae.cfg.d_sae // n_features)
     if hasattr(sae, "directions"):
-        sae.directions[:n_features] = features
-        return
-    sae.W_dec[:n_features] = features
-    sae.W_enc[:, :n_features] = features.T
+        sae.directions[neurons] = features
+    else:
+        sae.W_dec[neurons] = features
+        sae.W_enc[:, neurons] = features.T
+    return neurons
 
 
 # The SAE's initial weights must not share a random stream with the true features:

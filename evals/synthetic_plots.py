@@ -96,6 +96,34 @@ def _planted(ax: Any, result: dict[str, Any]) -> None:
     ax.legend(fontsize=7)
 
 
+def _wsae(ax: Any, result: dict[str, Any]) -> None:
+    """Two panels against S: ground-truth error on the support, polysemantic error."""
+    ax.set_axis_off()  # keeps the figure title; the panels are insets
+    sparsities = sorted({row["sparsity"] for row in result["rows"]})
+    trivial = {row["sparsity"]: row["gt_error_trivial"] for row in result["rows"]}
+    panels = (("gt_error_on_support", "ground-truth error on x's support"),
+              ("polysemantic_error", "polysemantic error |x_p - x_p_hat|^2"))  # fmt: skip
+    for i, (key, ylabel) in enumerate(panels):
+        panel = ax.inset_axes((0.56 * i, 0.0, 0.44, 1.0))
+        methods = list(dict.fromkeys(row["method"] for row in result["rows"]))
+        for j, method in enumerate(methods):
+            rows = sorted((r for r in result["rows"] if r["method"] == method),
+                          key=lambda r: r["sparsity"])  # fmt: skip
+            shift = 0.06 * (j - (len(methods) - 1) / 2)  # side by side error bars
+            panel.errorbar([sparsities.index(r["sparsity"]) + shift for r in rows],
+                           [r[key] for r in rows], [r[f"{key}_std"] for r in rows],
+                           marker="o", capsize=3, label=method)  # fmt: skip
+        if key == "gt_error_on_support":
+            panel.plot(range(len(sparsities)), [trivial[s] for s in sparsities], "k:",
+                       label="all latents 0")  # fmt: skip
+        panel.set_xticks(range(len(sparsities)))
+        panel.set_xticklabels([f"{s:g}" for s in sparsities])
+        panel.set_xlabel("sparsity S (P(x_i = 0))")
+        panel.set_ylabel(ylabel)
+        panel.set_yscale("log")
+        panel.legend(fontsize=7)
+
+
 def plot(result: dict[str, Any], path: str | Path) -> None:
     """Draw ``result`` (any experiment's JSON dict) to ``path``.
 
@@ -117,6 +145,8 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
         _longtail(ax, result)
     elif name == "planted":
         _planted(ax, result)
+    elif name == "wsae":
+        _wsae(ax, result)
     else:
         raise ValueError(f"no plot for experiment {name!r}")
     ax.set_title(f"synthetic: {name}")

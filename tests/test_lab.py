@@ -93,12 +93,13 @@ def test_short_gba_run_recovers_all_features(seed: int) -> None:
     assert torch.all(sae.output_scale == spec.gba.get("decoder_init_norm", 0.1))
 
 
-def test_planted_start_puts_the_true_features_in_the_first_neurons() -> None:
+def test_planted_start_spreads_the_true_features_over_the_neurons() -> None:
     model = SyntheticFeatureModel(TINY.data)
     for method, k in (("gba", None), ("topk", 5)):
-        sae = build_sae(TINY.with_(method=method, k=k, width=160))
-        plant_features(sae, model.feature_directions)
-        cosines = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)[:128]
+        sae = build_sae(TINY.with_(method=method, k=k, width=300))
+        neurons = plant_features(sae, model.feature_directions)
+        assert neurons.tolist() == list(range(0, 256, 2))  # 300 // 128 = 2
+        cosines = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)[neurons]
         assert torch.allclose(
             (cosines * model.feature_directions).sum(1), torch.ones(128), atol=1e-5
         )

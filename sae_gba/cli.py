@@ -39,17 +39,100 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--training-tokens", type=int, help="training length")
     train.add_argument("--layer", type=int, help="residual stream block")
     train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    train.add_argument(
+        "--architecture",
+        default="gba",
+        help="training architecture: gba, weighted_gba, topk, weighted_topk, ...",
+    )
+    train.add_argument("--k", type=int, help="k for topk / batchtopk architectures")
     synth = commands.add_parser(
         "synth", help="synthetic feature-recovery experiments (JSON + PNG)"
     )
     synth.add_argument(
         "experiment",
-        choices=["imbalanced", "resonance", "consistency", "longtail", "ablate"],
+        choices=[
+            "imbalanced",
+            "resonance",
+            "consistency",
+            "longtail",
+            "ablate",
+            "planted",
+            "wsae",
+        ],
     )
     synth.add_argument(
         "--out", required=True, help="JSON path (the PNG goes beside it)"
     )
     synth.add_argument("--seeds", type=int, help="seeds per setting")
+    synth.add_argument(
+        "--workers", type=int, help="parallel training processes (default: all cores)"
+    )
+    publish = commands.add_parser(
+        "publish",
+        help="check exported SAE folders and upload them to the Hugging Face Hub "
+        "for SAE.from_pretrained(release=REPO_ID, sae_id=...)",
+    )
+    publish.add_argument(
+        "sae_dirs", nargs="+", metavar="SAE_DIR", help="exported SAE folders"
+    )
+    publish.add_argument("--repo-id", required=True, help="Hub repo, USER/NAME")
+    publish.add_argument(
+        "--revision", default="main", help="branch (from_pretrained reads main)"
+    )
+    publish.add_argument(
+        "--private", action="store_true", help="create the repo private if new"
+    )
+    publish.add_argument(
+        "--dry-run", metavar="STAGING_DIR", help="only stage the repo layout here"
+    )
+    publish.add_argument(
+        "--eval-dir", help="folder of SAEBench result JSON for the model card"
+    )
+    publish.add_argument(
+        "--sae-id-from",
+        choices=["hook", "folder"],
+        default="hook",
+        help="repo folder names: HOOK__TRAINING-ARCH_WIDTH (default) or folder names",
+    )
+    evaluate = commands.add_parser(
+        "eval",
+        help="SAEBench core and absorption evals of an SAE folder on held-out data",
+    )
+    evaluate.add_argument("sae_dir", metavar="SAE_DIR", help="any SAELens SAE folder")
+    evaluate.add_argument(
+        "--evals", default="core,absorption", help="comma list: core, absorption"
+    )
+    evaluate.add_argument("--out", required=True, help="output folder")
+    evaluate.add_argument(
+        "--model-path", help="local Hugging Face folder of the SAE's model"
+    )
+    evaluate.add_argument(
+        "--dataset-path", help="held-out data folder (save_to_disk) to use instead"
+    )
+    evaluate.add_argument(
+        "--n-tokens", type=int, help="sparsity/alive tokens (default: all held-out)"
+    )
+    evaluate.add_argument("--n-recon-tokens", type=int, help="CE/KL tokens")
+    evaluate.add_argument(
+        "--absorption-words", type=int, help="probe vocabulary sample (0: all words)"
+    )
+    evaluate.add_argument(
+        "--preset", help="eval preset (default: from the SAE's model name)"
+    )
+    evaluate.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    bench = commands.add_parser(
+        "bench", help="training throughput of GBA against SAELens's SAEs (JSON + PNG)"
+    )
+    bench.add_argument("benchmark", choices=["throughput"])
+    bench.add_argument(
+        "--out", required=True, help="JSON path (the PNG goes beside it)"
+    )
+    bench.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    bench.add_argument(
+        "--no-harvest",
+        action="store_true",
+        help="skip the embedded model's activation-harvest measurement",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -71,13 +154,76 @@ def main(argv: list[str] | None = None) -> None:
             training_tokens=args.training_tokens,
             layer=args.layer,
             device=args.device,
+            architecture=args.architecture,
+            **({} if args.k is None else {"k": args.k}),
         )
         print(f"wrote the SAE to {args.out}/sae")
     elif args.command == "synth":
         from evals.synthetic_lab import run_experiment
 
-        result = run_experiment(args.experiment, args.out, seeds=args.seeds)
+        options = {} if args.workers is None else {"workers": args.workers}
+        result = run_experiment(args.experiment, args.out, seeds=args.seeds, **options)
         print(json.dumps(result, indent=1)[:4000])
+    elif args.command == "publish":
+        from sae_gba.publish import PublishError
+        from sae_gba.publish import publish as publish_release
+
+        try:
+            report = publish_release(
+                args.sae_dirs,
+                args.repo_id,
+                revision=args.revision,
+                private=args.private,
+                dry_run=args.dry_run,
+                eval_dir=args.eval_dir,
+                sae_id_from=args.sae_id_from,
+            )
+        except PublishError as err:
+            publish.error(str(err))
+        where = report.get("staging_dir") or report.get("commit_url")
+        done = "staged (not uploaded) in" if args.dry_run else "uploaded:"
+        print(f"{len(report['sae_ids'])} SAE(s) {done} {where}")
+        for path in report["unmatched_evals"]:
+            print(f"SAEBench file matched no SAE, left out of the card: {path}")
+        print(f"load with: from sae_lens import SAE; sae = {report['load']}")
+
+    elif args.command == "eval":
+        from pathlib import Path
+
+        from evals.saebench import EvalError
+        from evals.saebench import evaluate as run_evals
+
+        options = {
+            "n_tokens": args.n_tokens,
+            "n_recon_tokens": args.n_recon_tokens,
+            "absorption_words": args.absorption_words,
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        if options.get("absorption_words") == 0:
+            options["absorption_words"] = None
+        try:
+            report = run_evals(
+                args.sae_dir,
+                args.out,
+                [name.strip() for name in args.evals.split(",") if name.strip()],
+                model_path=args.model_path,
+                dataset_path=args.dataset_path,
+                device=args.device,
+                preset=args.preset,
+                **options,
+            )
+        except EvalError as err:
+            evaluate.error(str(err))
+        print(Path(report["summary"]).read_text())
+
+    elif args.command == "bench":
+        from evals.throughput import run_throughput
+
+        result = run_throughput(
+            args.out, harvest=not args.no_harvest, threads=args.threads
+        )
+        print(json.dumps(result["acceptance"], indent=1))
+        print(f"wrote {args.out} and its PNG")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
 from sae_gba.gba_sae import GBATrainingSAEConfig
 
@@ -136,9 +137,10 @@ def gba_runner_config(
     layer: int | None = None,
     device: str = "cpu",
     checkpoint_path: str | None = None,
+    architecture: str = "gba",
     **sae_overrides: Any,
-) -> LanguageModelSAERunnerConfig[GBATrainingSAEConfig]:
-    """An ordinary SAELens runner config for a GBA SAE on ``preset`` (wandb off).
+) -> LanguageModelSAERunnerConfig[Any]:
+    """An ordinary SAELens runner config for an SAE on ``preset`` (wandb off).
 
     Args:
         preset: the model preset.
@@ -148,9 +150,17 @@ def gba_runner_config(
         layer: residual stream block; None keeps the preset's.
         device: torch device for the SAE and the model.
         checkpoint_path: folder for SAELens checkpoints; None saves none.
-        **sae_overrides: further ``GBATrainingSAEConfig`` fields (``n_groups``,
-            ``adaptation_interval``, ...).
+        architecture: any registered SAELens training architecture (``gba``,
+            ``weighted_gba``, ``topk``, ``weighted_topk``, ...).
+        **sae_overrides: further fields of that architecture's training config
+            (``n_groups``, ``adaptation_interval``, ``k``, ...).
     """
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+        raise ValueError(
+            f"architecture={architecture!r} is invalid: must be one of "
+            f"{sorted(SAE_TRAINING_CLASS_REGISTRY)}"
+        )
+    config_class = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
     layer = preset.layer if layer is None else layer
     if layer < 0:
         raise ValueError(f"layer must be >= 0, got {layer}")
@@ -160,15 +170,16 @@ def gba_runner_config(
     sae_kwargs: dict[str, Any] = {
         "d_in": preset.d_in,
         "d_sae": preset.d_sae if d_sae is None else d_sae,
-        "adaptation_interval": preset.adaptation_interval,
         # GBA is scale free; per-token rescaling only keeps outlier tokens tame.
         "normalize_activations": "constant_norm_rescale",
-        **sae_overrides,
     }
+    if "adaptation_interval" in {f.name for f in dataclasses.fields(config_class)}:
+        sae_kwargs["adaptation_interval"] = preset.adaptation_interval
+    sae_kwargs.update(sae_overrides)
     total_steps = training_tokens // preset.batch_tokens
     last_steps = math.ceil(LAST_WINDOW_TOKENS / preset.batch_tokens)
     return LanguageModelSAERunnerConfig(
-        sae=GBATrainingSAEConfig(**sae_kwargs),
+        sae=config_class(**sae_kwargs),
         model_name=preset.model_name,
         hook_name=preset.hook_name_at(layer),
         dataset_path=preset.dataset_path,
@@ -405,8 +416,10 @@ def train_preset(
     training_tokens: int | None = None,
     layer: int | None = None,
     device: str = "cpu",
+    architecture: str = "gba",
+    **sae_overrides: Any,
 ) -> TrainingSAE[Any]:
-    """Train a GBA SAE on ``preset`` with SAELens's runner; the SAE goes to ``out/sae``.
+    """Train an SAE on ``preset`` with SAELens's runner; the SAE goes to ``out/sae``.
 
     Args:
         preset: the model preset.
@@ -419,9 +432,11 @@ def train_preset(
         training_tokens: training length; None keeps the preset's.
         layer: residual stream block; None keeps the preset's.
         device: torch device for the SAE and the model.
+        architecture: the training architecture (see :func:`gba_runner_config`).
+        **sae_overrides: further fields of the architecture's training config.
 
     Returns:
-        The trained SAE (the exported JumpReLU form is in ``out/sae``).
+        The trained SAE (its exported inference form is in ``out/sae``).
     """
     from sae_lens import LanguageModelSAETrainingRunner
 
@@ -434,6 +449,8 @@ def train_preset(
         training_tokens=training_tokens,
         layer=layer,
         device=device,
+        architecture=architecture,
+        **sae_overrides,
     )
     # Check the data before the (possibly minutes-long) model load.
     dataset = load_local_dataset(dataset_path) if dataset_path is not None else None

@@ -162,3 +162,35 @@ def test_embedded_model_predicts_held_out_wikipedia():
     batch = store.get_batch_tokens()
     assert torch.equal(batch, tokens)
     assert store.get_activations(batch).shape == (4, 128, 640)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning:sae_lens")
+@pytest.mark.parametrize("architecture", ["weighted_topk", "weighted_gba"])
+def test_weighted_architectures_train_on_the_embedded_model(tmp_path, architecture):
+    """A short run of a weighted SAE on the real model, through SAELens's runner."""
+    import dataclasses
+
+    from sae_lens import SAE
+
+    from sae_gba.presets import EMBEDDED, train_preset
+
+    preset = dataclasses.replace(
+        EMBEDDED, store_batch_size_prompts=4, n_batches_in_buffer=4
+    )
+    sae = train_preset(
+        preset,
+        tmp_path,
+        d_sae=128,
+        training_tokens=512 * 6,
+        architecture=architecture,
+        weight_estimation_batches=2,
+        **({"k": 16} if architecture == "weighted_topk" else {}),
+    )
+    assert sae.input_weights_source == "variance"
+    assert torch.isfinite(sae.input_weights).all()
+    assert sae.input_weights.pow(2).mean().item() == pytest.approx(1.0, rel=1e-4)
+    exported = SAE.load_from_disk(tmp_path / "sae")
+    expected = "topk" if architecture == "weighted_topk" else "jumprelu"
+    assert exported.cfg.architecture() == expected
+    assert (tmp_path / "sae" / "input_weights.safetensors").is_file()

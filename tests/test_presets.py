@@ -130,6 +130,10 @@ def test_runner_config_is_an_ordinary_gba_run(tmp_path):
     )
     with pytest.raises(ValueError, match="layer"):
         gba_runner_config(GEMMA_2_2B, output_path="x", layer=-1)
+    topk = gba_runner_config(GEMMA_2_2B, output_path="x", architecture="topk", k=64)
+    assert (topk.sae.architecture(), topk.sae.k) == ("topk", 64)
+    with pytest.raises(ValueError, match="architecture='nope' is invalid"):
+        gba_runner_config(GEMMA_2_2B, output_path="x", architecture="nope")
 
 
 def test_random_gemma2_loads_with_the_folders_shape(gemma2, model):
@@ -234,7 +238,12 @@ def test_cli_train_passes_its_options(monkeypatch, tmp_path):
         "training_tokens": None,
         "layer": None,
         "device": "cpu",
+        "architecture": "gba",
     }
     assert sized["d_sae"] == 256
+    main(["train", "--preset", "embedded", "--out", out, "--architecture", "topk"])
+    main(["train", "--preset", "embedded", "--out", out, "--k", "32"])
+    assert calls[2][1]["architecture"] == "topk" and "k" not in calls[2][1]
+    assert calls[3][1]["k"] == 32
     with pytest.raises(SystemExit):
         main(["train", "--preset", "gemma-9", "--out", out])

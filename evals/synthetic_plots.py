@@ -40,11 +40,12 @@ def _bars(
 
 
 def _resonance(ax: Any, result: dict[str, Any]) -> None:
-    """Heatmap of FRR@0.8 over (p / f, d), each cell annotated "FRR@0.8 / @0.9"."""
+    """Heatmap of FRR@0.9 over (p / f, d), each cell annotated "FRR@0.8 / @0.9";
+    the y labels give each d's chance floor (random dictionary of the same width)."""
     dims = sorted({cell["d"] for cell in result["cells"]})
     ratios = sorted({cell["p_over_f"] for cell in result["cells"]})
     cell_at = {(c["d"], c["p_over_f"]): c for c in result["cells"]}
-    grid = [[cell_at[d, r]["frr@0.8"] for r in ratios] for d in dims]
+    grid = [[cell_at[d, r]["frr@0.9"] for r in ratios] for d in dims]
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i, d in enumerate(dims):
         for j, r in enumerate(ratios):
@@ -55,9 +56,16 @@ def _resonance(ax: Any, result: dict[str, Any]) -> None:
     ax.set_xticklabels([f"{r:g}" for r in ratios])
     ax.set_yticks(range(len(dims)))
     side = {d: "<" if d < result["sqrt_n"] else ">" for d in dims}
-    ax.set_yticklabels([f"d={d} ({side[d]} sqrt n)" for d in dims])
+    chance = result.get("chance", {})
+    ax.set_yticklabels(
+        [
+            f"d={d} ({side[d]} sqrt n)"
+            + (f"\nchance {chance[str(d)]['frr@0.9']:.2f}" if str(d) in chance else "")
+            for d in dims
+        ]
+    )
     ax.set_xlabel("BA target frequency p / feature frequency f")
-    ax.figure.colorbar(image, ax=ax, label="FRR@0.8 (cell text: @0.8 / @0.9)")
+    ax.figure.colorbar(image, ax=ax, label="FRR@0.9 (cell text: @0.8 / @0.9)")
 
 
 def _longtail(ax: Any, result: dict[str, Any]) -> None:
@@ -97,31 +105,42 @@ def _planted(ax: Any, result: dict[str, Any]) -> None:
 
 
 def _wsae(ax: Any, result: dict[str, Any]) -> None:
-    """Two panels against S: ground-truth error on the support, polysemantic error."""
+    """Per kind of W_p (one row of panels each), two panels against S: ground-truth
+    error on the support, polysemantic error. Rows without ``w_p_kind`` are Gaussian."""
     ax.set_axis_off()  # keeps the figure title; the panels are insets
-    sparsities = sorted({row["sparsity"] for row in result["rows"]})
-    trivial = {row["sparsity"]: row["gt_error_trivial"] for row in result["rows"]}
+    all_rows = result["rows"]
+    kinds = list(dict.fromkeys(row.get("w_p_kind", "gaussian") for row in all_rows))
+    ax.figure.set_size_inches(10, 3.6 * len(kinds) + 0.6)
     panels = (("gt_error_on_support", "ground-truth error on x's support"),
               ("polysemantic_error", "polysemantic error |x_p - x_p_hat|^2"))  # fmt: skip
-    for i, (key, ylabel) in enumerate(panels):
-        panel = ax.inset_axes((0.56 * i, 0.0, 0.44, 1.0))
-        methods = list(dict.fromkeys(row["method"] for row in result["rows"]))
-        for j, method in enumerate(methods):
-            rows = sorted((r for r in result["rows"] if r["method"] == method),
-                          key=lambda r: r["sparsity"])  # fmt: skip
-            shift = 0.06 * (j - (len(methods) - 1) / 2)  # side by side error bars
-            panel.errorbar([sparsities.index(r["sparsity"]) + shift for r in rows],
-                           [r[key] for r in rows], [r[f"{key}_std"] for r in rows],
-                           marker="o", capsize=3, label=method)  # fmt: skip
-        if key == "gt_error_on_support":
-            panel.plot(range(len(sparsities)), [trivial[s] for s in sparsities], "k:",
-                       label="all latents 0")  # fmt: skip
-        panel.set_xticks(range(len(sparsities)))
-        panel.set_xticklabels([f"{s:g}" for s in sparsities])
-        panel.set_xlabel("sparsity S (P(x_i = 0))")
-        panel.set_ylabel(ylabel)
-        panel.set_yscale("log")
-        panel.legend(fontsize=7)
+    height = 1.0 / len(kinds)
+    for k, kind in enumerate(kinds):
+        kind_rows = [r for r in all_rows if r.get("w_p_kind", "gaussian") == kind]
+        sparsities = sorted({row["sparsity"] for row in kind_rows})
+        trivial = {row["sparsity"]: row["gt_error_trivial"] for row in kind_rows}
+        methods = list(dict.fromkeys(row["method"] for row in kind_rows))
+        bottom = 1.0 - (k + 1) * height
+        for i, (key, ylabel) in enumerate(panels):
+            panel = ax.inset_axes(
+                (0.56 * i, bottom + 0.16 * height, 0.44, 0.74 * height)
+            )
+            for j, method in enumerate(methods):
+                rows = sorted((r for r in kind_rows if r["method"] == method),
+                              key=lambda r: r["sparsity"])  # fmt: skip
+                shift = 0.06 * (j - (len(methods) - 1) / 2)  # side by side error bars
+                panel.errorbar([sparsities.index(r["sparsity"]) + shift for r in rows],
+                               [r[key] for r in rows], [r[f"{key}_std"] for r in rows],
+                               marker="o", capsize=3, label=method)  # fmt: skip
+            if key == "gt_error_on_support":
+                panel.plot(range(len(sparsities)), [trivial[s] for s in sparsities],
+                           "k:", label="all latents 0")  # fmt: skip
+            panel.set_xticks(range(len(sparsities)))
+            panel.set_xticklabels([f"{s:g}" for s in sparsities])
+            panel.set_xlabel("sparsity S (P(x_i = 0))")
+            panel.set_ylabel(ylabel, fontsize=8)
+            panel.set_yscale("log")
+            panel.set_title(f"W_p: {kind}", fontsize=9)
+            panel.legend(fontsize=7)
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:

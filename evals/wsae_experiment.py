@@ -1,16 +1,20 @@
 """``sae-gba synth wsae``: does the Weighted SAE recover the ground truth better?
 
-Run: ``sae-gba synth wsae --out runs/synth/wsae.json`` (3 seeds: 54 runs, 3.4 CPU
-minutes on one thread, 6.6 minutes wall on a shared 2-core machine; ``--workers N``
-spreads the (sparsity, seed) cells over N processes).
+Run: ``sae-gba synth wsae --out runs/synth/wsae.json`` (2 kinds of W_p x 5 sparsities x
+3 seeds x 5 methods: 150 runs of one thread each, 10.1 CPU minutes; the (W_p kind,
+sparsity, seed) cells are spread over ``--workers`` processes, by default one per core:
+16.3 minutes wall with 2 workers on a shared 2-core machine under a load of about 5).
 
 The setting is seed 003's (the WSAE paper, "Experimental Verification"): ground-truth
 features x in R^n, non-negative, each coordinate zero with probability S; superposed
 inputs ``x_p = W_p x`` in R^{n_p}, n_p < n (seed 002's toy model: n = 200, n_p = 20);
-sparsity swept from moderate to extreme (:data:`~sae_gba.wsae_theory.SPARSITY_SWEEP`).
-For every (S, seed) an ordinary SAE and WSAEs with alpha 0.5 and 1 are trained
-identically: same data and batch order, same initialisation (``torch.manual_seed``
-before building each SAE), same steps, batch size and learning rate, same base
+sparsity swept from moderate to extreme (:data:`WSAE_SPARSITIES`:
+:data:`~sae_gba.wsae_theory.SPARSITY_SWEEP` without 0.95, dropped when the second kind of
+W_p doubled the runs, to stay near 10 single-threaded minutes).
+For every (W_p kind, S, seed) an ordinary SAE, WSAEs with alpha 0.5 and 1, and for
+each alpha a matched-penalty control (below) are trained identically: same data and
+batch order, same initialisation (``torch.manual_seed`` before building each SAE),
+same steps, batch size and learning rate, same base
 architecture. The WSAE is SAELens's ``weighted_standard`` (``sae_gba.weighted``): its
 weights are estimated from the per-dimension variance of the first
 ``weight_estimation_batches`` training batches, ``gamma_i = var_i^alpha``, normalised to
@@ -38,18 +42,58 @@ active latents at every S (1.0 scored lower but has no active latent at S <= 0.7
 where the comparison would be empty; 0 gives dense latents, l0 about 150-190, the best
 on-support error and the worst full L_GT).
 
+Two kinds of W_p (``make_wsae_data``'s ``w_p_kind``), both with unit-norm columns:
+
+- ``"gaussian"``: i.i.d. Gaussian entries. Every input dimension mixes every feature, so
+  the dimensions differ in variance only through the norms of W_p's rows: the variance
+  weights are fairly uniform (alpha 1: about 0.7 to 1.35) and the weighting has little
+  to act on.
+- ``"mixed"``: seed 003's picture of monosemantic and superposed dimensions side by
+  side. The first ``n_mono`` = 10 input dimensions are features 0..9 themselves; the
+  other 10 are a Gaussian mix of the remaining 190 features. A polysemantic dimension
+  then carries about 19 features' worth of variance and a monosemantic one a single
+  feature's, so ``gamma = var^alpha`` gives the polysemantic dimensions the LARGER
+  weights (``gamma_mono_mean`` / ``gamma_poly_mean`` in the rows): this kind tests the
+  variance rule as seeds 002/003 state it (``Gamma = diag(variance^alpha)``), which
+  here runs against their stated principle (weights near 1 for monosemantic, smaller
+  for polysemantic dimensions). Its rows also split the on-support error over the
+  monosemantic and the superposed features (``gt_error_on_support_mono`` / ``_poly``).
+
 Reading the numbers: with S = 0.5 about 100 of the 200 features are active in 20
 dimensions, and no method can recover them; ``gt_error_trivial`` (all latents zero) is
-reported beside each row for scale. In ``make_wsae_data`` W_p is Gaussian with
-unit-norm columns, so the input dimensions differ in variance only through the norms of
-W_p's rows: the variance weights are fairly uniform here (alpha 1: about 0.7 to 1.35),
-and ``gamma_min`` / ``gamma_max`` say how uniform.
+reported beside each row for scale. ``moderate_sparsity`` holds the verdict per kind.
+The weights are normalised to ``mean(gamma^2) = 1`` over dimensions, not over signal
+energy: when the variance sits in a few dimensions, as in ``"mixed"``, the weighted
+reconstruction term is about r times the unweighted one (r below: 1.81 to 1.90 with
+alpha 0.5 and 1.91 to 1.97 with alpha 1 over the sweep; 1.006 to 1.04 for
+``"gaussian"``), which acts like an L1 coefficient divided by r. So a WSAE differs
+from the plain SAE in two ways: the PATTERN of its weights across dimensions, and the
+overall loss scale r. The control ``sae_l1_matched_alpha<alpha>`` separates them: the plain ``standard``
+SAE, same init, same batches, with ``l1_coefficient / r_alpha``, where r_alpha is
+computed before any training from the weights the WSAE of that alpha will use
+(:func:`loss_scale_ratio` of :func:`estimation_variance`),
+
+    r_alpha = sum_i gamma_i^2 var_i / sum_i var_i
+            = E|Gamma (x_p - mean)|^2 / E|x_p - mean|^2,
+
+with var the per-dimension (unbiased) variance of exactly the first
+``weight_estimation_batches`` training batches (the WSAE's own estimate, not the full
+training set; ``run_cell`` checks that the WSAE ended up with the same gamma). r_alpha
+is the ratio of the weighted to the unweighted error of the mean reconstruction, a
+first-order stand-in for the ratio at the trained SAE's residual. The control differs
+from its WSAE only by the weighting pattern (and in the first
+``weight_estimation_batches`` steps, which the WSAE trains unweighted with the
+unmatched L1). ``loss_scale_ratio`` is recorded in the WSAE and control rows, and
+``moderate_sparsity``'s ``vs_matched_control`` compares each WSAE with its control by
+the same paired rule: does the weighting pattern lower the ground-truth error beyond
+what the loss-scale change alone does?
 """
 
 import contextlib
 import io
 import math
 import multiprocessing
+import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -61,9 +105,8 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from torch import Tensor
 
 from sae_gba.training import TensorDataProvider, make_trainer
-from sae_gba.weighted import WEIGHTED_CLASSES, weighted_config
+from sae_gba.weighted import WEIGHTED_CLASSES, input_weights, weighted_config
 from sae_gba.wsae_theory import (
-    SPARSITY_SWEEP,
     WSAEData,
     aligned_latents,
     ground_truth_error_on_support,
@@ -72,9 +115,17 @@ from sae_gba.wsae_theory import (
 )
 
 SAE_METHOD = "sae"
+WSAE_PREFIX = "wsae_alpha"
+MATCHED_PREFIX = "sae_l1_matched_alpha"
 # Keeps the SAE's initial weights off the random stream that drew W_p.
 INIT_SEED_OFFSET = 1_000_003
 METRICS = ("gt_error_on_support", "gt_error_off_support", "polysemantic_error", "l0")
+# Only for the "mixed" W_p: the on-support error split over the n_mono monosemantic
+# features and the superposed rest (they sum to gt_error_on_support).
+MIXED_METRICS = ("gt_error_on_support_mono", "gt_error_on_support_poly")
+# The experiment's sparsities: SPARSITY_SWEEP without 0.95, to keep two W_p kinds
+# within about 10 single-threaded minutes.
+WSAE_SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.9, 0.99, 0.999)
 
 
 @dataclass(frozen=True)
@@ -84,6 +135,10 @@ class WSAESettings:
     Args:
         n: ground-truth features, and the SAE width (Theorem 1 needs n_m >= n).
         n_p: polysemantic input dimension (< n).
+        w_p_kinds: kinds of W_p (``make_wsae_data``'s ``w_p_kind``), each a full sweep.
+        n_mono: monosemantic input dimensions of the ``"mixed"`` W_p (1 <= n_mono <
+            n_p); the other n_p - n_mono dimensions superpose the other n - n_mono
+            features.
         sparsities: the values of S.
         alphas: WSAE exponents (seeds 002/003: 0.5 and 1).
         l1_coefficient: ``standard``'s L1 penalty, on unit-mean-square inputs.
@@ -98,7 +153,9 @@ class WSAESettings:
 
     n: int = 200
     n_p: int = 20
-    sparsities: tuple[float, ...] = SPARSITY_SWEEP
+    w_p_kinds: tuple[str, ...] = ("gaussian", "mixed")
+    n_mono: int = 10
+    sparsities: tuple[float, ...] = WSAE_SPARSITIES
     alphas: tuple[float, ...] = (0.5, 1.0)
     l1_coefficient: float = 0.3
     steps: int = 1200
@@ -110,24 +167,68 @@ class WSAESettings:
     moderate_max_sparsity: float = 0.9
 
 
-def method_name(alpha: float | None) -> str:
-    """``"sae"`` for the unweighted run, ``"wsae_alpha<alpha>"`` (e.g. 0.5, 1) else."""
-    return SAE_METHOD if alpha is None else f"wsae_alpha{alpha:g}"
+def method_name(alpha: float | None, matched: bool = False) -> str:
+    """``"sae"`` for the unweighted run, ``"wsae_alpha<alpha>"`` (e.g. 0.5, 1) for a
+    WSAE, ``"sae_l1_matched_alpha<alpha>"`` for its matched-penalty control."""
+    if alpha is None:
+        return SAE_METHOD
+    return f"{MATCHED_PREFIX if matched else WSAE_PREFIX}{alpha:g}"
 
 
-def build_sae(settings: WSAESettings, alpha: float | None, seed: int) -> TrainingSAE:
+def estimation_variance(x_p_BP: Tensor, settings: WSAESettings, seed: int) -> Tensor:
+    """Per-dimension unbiased variance of the batches the WSAE estimates its weights on.
+
+    The first ``weight_estimation_batches`` batches of the run's data order
+    (``TensorDataProvider(x_p_BP, batch_size, seed)``, as in :func:`train_sae`).
+
+    Args:
+        x_p_BP: float32 training inputs (already scaled), [n_train, n_p].
+        settings: the experiment's setting.
+        seed: the run's batch-order seed.
+    """
+    provider = TensorDataProvider(x_p_BP, settings.batch_size, seed=seed)
+    rows = [next(provider) for _ in range(settings.weight_estimation_batches)]
+    return torch.cat(rows).double().var(dim=0).float()
+
+
+def loss_scale_ratio(variance: Tensor, alpha: float) -> float:
+    """``r = sum gamma_i^2 var_i / sum var_i``, gamma the WSAE weights of ``variance``.
+
+    The weighted over the unweighted squared error of the mean reconstruction,
+    ``E|Gamma (x - mean)|^2 / E|x - mean|^2``: how much the weighting scales the
+    reconstruction term, which acts like an L1 coefficient divided by r.
+
+    Args:
+        variance: (d_in,) per-dimension variances, >= 0, not all zero.
+        alpha: WSAE exponent.
+    """
+    gamma_sq = input_weights(variance, alpha).double().square()
+    variance = variance.double()
+    return float((gamma_sq * variance).sum() / variance.sum())
+
+
+def build_sae(
+    settings: WSAESettings,
+    alpha: float | None,
+    seed: int,
+    l1_coefficient: float | None = None,
+) -> TrainingSAE:
     """The SAE of one run: ``standard``, or ``weighted_standard`` with ``alpha``.
 
-    Both are built right after ``torch.manual_seed(seed + INIT_SEED_OFFSET)`` from the
-    same base config, so their initial parameters are equal.
+    Every one is built right after ``torch.manual_seed(seed + INIT_SEED_OFFSET)`` from
+    the same base config but for the L1 coefficient, so their initial parameters are
+    equal.
 
     Args:
         settings: the experiment's setting.
         alpha: WSAE exponent; None for the ordinary SAE.
         seed: the run's seed.
+        l1_coefficient: overrides ``settings.l1_coefficient`` (the matched controls).
     """
+    if l1_coefficient is None:
+        l1_coefficient = settings.l1_coefficient
     base = StandardTrainingSAEConfig(
-        d_in=settings.n_p, d_sae=settings.n, l1_coefficient=settings.l1_coefficient
+        d_in=settings.n_p, d_sae=settings.n, l1_coefficient=l1_coefficient
     )
     torch.manual_seed(seed + INIT_SEED_OFFSET)
     if alpha is None:
@@ -141,7 +242,11 @@ def build_sae(settings: WSAESettings, alpha: float | None, seed: int) -> Trainin
 
 
 def train_sae(
-    x_p_BP: Tensor, settings: WSAESettings, alpha: float | None, seed: int
+    x_p_BP: Tensor,
+    settings: WSAESettings,
+    alpha: float | None,
+    seed: int,
+    l1_coefficient: float | None = None,
 ) -> TrainingSAE:
     """Train one run quietly with SAELens's ``SAETrainer``.
 
@@ -150,8 +255,9 @@ def train_sae(
         settings: the experiment's setting.
         alpha: WSAE exponent; None for the ordinary SAE.
         seed: init and batch-order seed, the same for every method.
+        l1_coefficient: overrides ``settings.l1_coefficient`` (the matched controls).
     """
-    sae = build_sae(settings, alpha, seed)
+    sae = build_sae(settings, alpha, seed, l1_coefficient)
     provider = TensorDataProvider(x_p_BP, settings.batch_size, seed=seed)
     trainer = make_trainer(
         sae,
@@ -167,7 +273,12 @@ def train_sae(
 
 @torch.no_grad()
 def evaluate(
-    sae: TrainingSAE, x_BN: Tensor, x_p_BP: Tensor, w_p_PN: Tensor, scale: float = 1.0
+    sae: TrainingSAE,
+    x_BN: Tensor,
+    x_p_BP: Tensor,
+    w_p_PN: Tensor,
+    scale: float = 1.0,
+    n_mono: int | None = None,
 ) -> dict[str, float]:
     """Seed 003's two errors of a trained SAE, in the units of x and x_p.
 
@@ -177,61 +288,108 @@ def evaluate(
         x_p_BP: its superposition ``W_p x``, [batch, n_p].
         w_p_PN: W_p, [n_p, n].
         scale: the scalar the training inputs were divided by.
+        n_mono: for a ``"mixed"`` W_p, its monosemantic features 0..n_mono-1: adds
+            :data:`MIXED_METRICS`.
 
     Returns:
         ``gt_error_on_support``; ``gt_error_off_support``, ``E sum_{i: x_i = 0}
         x_m,i^2`` (the rest of seed 003's L_GT: the on-support error alone does not
         penalise latents that fire where the feature is absent);
-        ``polysemantic_error``; ``l0``, the mean number of active latents.
+        ``polysemantic_error``; ``l0``, the mean number of active latents; with
+        ``n_mono``, ``gt_error_on_support_mono`` / ``_poly``.
     """
     x_p = x_p_BP.float()
+    x = x_BN.float()
     latents_BM = sae.encode(x_p / scale)
     x_p_hat = sae.decode(latents_BM) * scale
     x_m_BN = aligned_latents(latents_BM, sae.W_dec.float(), w_p_PN.float()) * scale
-    return {
-        "gt_error_on_support": float(
-            ground_truth_error_on_support(x_BN.float(), x_m_BN)
-        ),
-        "gt_error_off_support": float((x_m_BN.square() * (x_BN == 0)).sum(1).mean()),
+    metrics = {
+        "gt_error_on_support": float(ground_truth_error_on_support(x, x_m_BN)),
+        "gt_error_off_support": float((x_m_BN.square() * (x == 0)).sum(1).mean()),
         "polysemantic_error": float(polysemantic_error(x_p, x_p_hat)),
         "l0": float((latents_BM > 0).float().sum(dim=1).mean()),
     }
+    if n_mono is not None:
+        mono, poly = slice(None, n_mono), slice(n_mono, None)
+        metrics["gt_error_on_support_mono"] = float(
+            ground_truth_error_on_support(x[:, mono], x_m_BN[:, mono])
+        )
+        metrics["gt_error_on_support_poly"] = float(
+            ground_truth_error_on_support(x[:, poly], x_m_BN[:, poly])
+        )
+    return metrics
 
 
-def run_cell(sparsity: float, seed: int, settings: WSAESettings) -> dict[str, Any]:
-    """Train and evaluate every method on one (S, seed) draw of the data.
+def run_cell(
+    w_p_kind: str, sparsity: float, seed: int, settings: WSAESettings
+) -> dict[str, Any]:
+    """Train and evaluate every method on one (W_p kind, S, seed) draw of the data.
 
     Args:
+        w_p_kind: ``make_wsae_data``'s ``w_p_kind``.
         sparsity: S.
         seed: data seed (W_p and samples) and SAE seed.
         settings: the experiment's setting.
 
     Returns:
         ``{"methods": {name: metrics}, "gt_error_trivial": float}``; WSAE metrics add
-        ``gamma_min`` / ``gamma_max``, the weights that were used.
+        ``gamma_min`` / ``gamma_max``, the weights that were used, and for the
+        ``"mixed"`` W_p ``gamma_mono_mean`` / ``gamma_poly_mean``, their means over
+        the monosemantic and the polysemantic input dimensions; WSAE and matched
+        control metrics add ``loss_scale_ratio`` (r_alpha) and ``l1_coefficient``.
     """
+    mixed = w_p_kind == "mixed"
+    n_mono = settings.n_mono if mixed else None
     data = make_wsae_data(
         settings.n,
         settings.n_p,
         sparsity,
         settings.n_train + settings.n_eval,
         seed=seed,
+        w_p_kind=w_p_kind,
+        n_mono=n_mono,
     )
     train_x_p = data.x_p[: settings.n_train].float()
     held_out = WSAEData(
         data.x[settings.n_train :], data.x_p[settings.n_train :], data.w_p
     )
     scale = float(train_x_p.square().sum(dim=1).mean().sqrt())
+    train_x_p = train_x_p / scale
+    # Fixed before any training: the weights each WSAE will estimate, and their r.
+    variance = estimation_variance(train_x_p, settings, seed)
+    ratios = {alpha: loss_scale_ratio(variance, alpha) for alpha in settings.alphas}
     methods = {}
     for alpha in (None, *settings.alphas):
-        sae = train_sae(train_x_p / scale, settings, alpha, seed)
-        metrics = evaluate(sae, *held_out, scale=scale)
+        sae = train_sae(train_x_p, settings, alpha, seed)
+        metrics = evaluate(sae, *held_out, scale=scale, n_mono=n_mono)
         if alpha is not None:
-            metrics["gamma_min"] = float(sae.input_weights.min())
-            metrics["gamma_max"] = float(sae.input_weights.max())
+            gamma = sae.input_weights.float()
+            expected = input_weights(variance, alpha)
+            if not torch.allclose(gamma, expected, rtol=1e-4, atol=1e-6):
+                raise RuntimeError(
+                    f"the WSAE (alpha {alpha:g}) estimated weights {gamma.tolist()}, "
+                    f"not the {expected.tolist()} its matched control was set from"
+                )
+            metrics["loss_scale_ratio"] = ratios[alpha]
+            metrics["l1_coefficient"] = settings.l1_coefficient
+            metrics["gamma_min"] = float(gamma.min())
+            metrics["gamma_max"] = float(gamma.max())
+            if mixed:
+                metrics["gamma_mono_mean"] = float(gamma[: settings.n_mono].mean())
+                metrics["gamma_poly_mean"] = float(gamma[settings.n_mono :].mean())
         methods[method_name(alpha)] = metrics
+    for alpha in settings.alphas:
+        l1 = settings.l1_coefficient / ratios[alpha]
+        sae = train_sae(train_x_p, settings, None, seed, l1_coefficient=l1)
+        metrics = evaluate(sae, *held_out, scale=scale, n_mono=n_mono)
+        metrics["loss_scale_ratio"] = ratios[alpha]
+        metrics["l1_coefficient"] = l1
+        methods[method_name(alpha, matched=True)] = metrics
     trivial = ground_truth_error_on_support(held_out.x, torch.zeros_like(held_out.x))
     return {"methods": methods, "gt_error_trivial": float(trivial)}
+
+
+Cell = tuple[str, float, int]  # (W_p kind, S, seed)
 
 
 def _single_thread() -> None:
@@ -239,15 +397,15 @@ def _single_thread() -> None:
 
 
 def _run_cells(
-    cells: list[tuple[float, int]], settings: WSAESettings, workers: int
+    cells: list[Cell], settings: WSAESettings, workers: int
 ) -> list[dict[str, Any]]:
     if workers <= 1 or len(cells) <= 1:
-        return [run_cell(s, seed, settings) for s, seed in cells]
+        return [run_cell(*cell, settings) for cell in cells]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         min(workers, len(cells)), mp_context=context, initializer=_single_thread
     ) as pool:
-        futures = [pool.submit(run_cell, s, seed, settings) for s, seed in cells]
+        futures = [pool.submit(run_cell, *cell, settings) for cell in cells]
         return [future.result() for future in futures]
 
 
@@ -256,28 +414,51 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values)
 
 
+def method_names(settings: WSAESettings) -> list[str]:
+    """Every method of a cell, in order: SAE, the WSAEs, their matched controls."""
+    return [
+        method_name(None),
+        *(method_name(a) for a in settings.alphas),
+        *(method_name(a, matched=True) for a in settings.alphas),
+    ]
+
+
 def _rows(
-    settings: WSAESettings, seeds: int, results: dict[tuple[float, int], dict]
+    settings: WSAESettings, seeds: int, results: dict[Cell, dict]
 ) -> list[dict[str, Any]]:
     rows = []
-    for sparsity in settings.sparsities:
-        cell = [results[sparsity, seed] for seed in range(seeds)]
-        trivial = statistics.fmean(c["gt_error_trivial"] for c in cell)
-        for alpha in (None, *settings.alphas):
-            name = method_name(alpha)
-            per_seed = [c["methods"][name] for c in cell]
-            row: dict[str, Any] = {"sparsity": sparsity, "method": name}
-            for key in METRICS:
-                row[key], row[f"{key}_std"] = _mean_std([m[key] for m in per_seed])
-            row["gt_error_on_support_per_seed"] = [
-                m["gt_error_on_support"] for m in per_seed
-            ]
-            row["gt_error_trivial"] = trivial
-            if alpha is not None:
-                row["gamma_min"] = min(m["gamma_min"] for m in per_seed)
-                row["gamma_max"] = max(m["gamma_max"] for m in per_seed)
-            row["seeds"] = seeds
-            rows.append(row)
+    for kind in settings.w_p_kinds:
+        metrics = METRICS + (MIXED_METRICS if kind == "mixed" else ())
+        for sparsity in settings.sparsities:
+            cell = [results[kind, sparsity, seed] for seed in range(seeds)]
+            trivial = statistics.fmean(c["gt_error_trivial"] for c in cell)
+            for name in method_names(settings):
+                per_seed = [c["methods"][name] for c in cell]
+                row: dict[str, Any] = {
+                    "w_p_kind": kind,
+                    "sparsity": sparsity,
+                    "method": name,
+                }
+                for key in metrics:
+                    row[key], row[f"{key}_std"] = _mean_std([m[key] for m in per_seed])
+                for key in ("gt_error_on_support", "polysemantic_error"):
+                    row[f"{key}_per_seed"] = [m[key] for m in per_seed]
+                row["gt_error_trivial"] = trivial
+                if "loss_scale_ratio" in per_seed[0]:
+                    for key in ("loss_scale_ratio", "l1_coefficient"):
+                        values = [m[key] for m in per_seed]
+                        row[key], row[f"{key}_per_seed"] = (
+                            statistics.fmean(values),
+                            values,
+                        )
+                if "gamma_min" in per_seed[0]:
+                    row["gamma_min"] = min(m["gamma_min"] for m in per_seed)
+                    row["gamma_max"] = max(m["gamma_max"] for m in per_seed)
+                    for key in ("gamma_mono_mean", "gamma_poly_mean"):
+                        if key in per_seed[0]:
+                            row[key] = statistics.fmean(m[key] for m in per_seed)
+                row["seeds"] = seeds
+                rows.append(row)
     return rows
 
 
@@ -287,87 +468,155 @@ def moderate_sparsity_summary(
     """Whether each WSAE lowers the ground-truth error at moderate S, from the rows.
 
     Runs of one (S, seed) share data and initialisation, so the comparison is paired:
-    ``r = wsae / sae - 1`` per (S, seed), relative so that every S counts alike (the
-    errors shrink about 5x from S = 0.5 to 0.9). A WSAE "lowers" the error when the
-    mean of r over every moderate (S, seed) pair is negative by more than two standard
-    errors (sample standard deviation; with one pair, only the sign counts).
+    ``r = method / baseline - 1`` per (S, seed), relative so that every S counts alike
+    (the errors shrink about 5x from S = 0.5 to 0.9). A method "lowers" the error when
+    the mean of r over every moderate (S, seed) pair is negative by more than two
+    standard errors (sample standard deviation; with one pair, only the sign counts).
+    The same paired relative change of the polysemantic error is reported beside it
+    per S. Two baselines:
+
+    - ``methods``: every method (WSAEs and matched controls) against the plain SAE.
+    - ``vs_matched_control``: each WSAE against its ``sae_l1_matched_alpha<alpha>``
+      control (when the rows have it): does the weighting PATTERN lower the error
+      beyond the change of loss scale?
 
     Args:
-        rows: the experiment's rows (with ``gt_error_on_support_per_seed``).
+        rows: the rows of one W_p kind (with ``gt_error_on_support_per_seed``; and
+            ``polysemantic_error_per_seed`` for the polysemantic change).
         max_sparsity: the largest S counted as moderate.
 
     Returns:
-        ``{"sparsities", "rule", "methods": {name: {...}}, "any_wsae_lowers": bool}``.
+        ``{"sparsities", "rule", "methods": {name: {...}}, "any_wsae_lowers": bool,
+        "vs_matched_control": {wsae name: {..., "control"}},
+        "any_wsae_beats_matched_control": bool}`` (the last two only with controls).
     """
     moderate = [row for row in rows if row["sparsity"] <= max_sparsity]
-    sae = {row["sparsity"]: row for row in moderate if row["method"] == SAE_METHOD}
-    methods: dict[str, Any] = {}
+    by_method: dict[str, dict[float, dict[str, Any]]] = {}
     for row in moderate:
-        if row["method"] == SAE_METHOD:
-            continue
-        base = sae[row["sparsity"]]
-        pairs = zip(
-            row["gt_error_on_support_per_seed"],
-            base["gt_error_on_support_per_seed"],
-            strict=True,
-        )
-        ratios = [w / s - 1 for w, s in pairs]
-        entry = methods.setdefault(row["method"], {"per_sparsity": [], "_r": []})
-        entry["_r"].extend(ratios)
-        entry["per_sparsity"].append(
-            {
-                "sparsity": row["sparsity"],
-                "gt_relative_change": statistics.fmean(ratios),
-                "seeds_lower": sum(r < 0 for r in ratios),
-                "seeds": len(ratios),
-            }
-        )
-    for entry in methods.values():
-        ratios = entry.pop("_r")
-        mean = statistics.fmean(ratios)
-        stderr = (
-            statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else 0
-        )
-        entry["gt_relative_change_mean"] = mean
-        entry["gt_relative_change_stderr"] = stderr
-        entry["pairs_lower"] = f"{sum(r < 0 for r in ratios)}/{len(ratios)}"
-        entry["lowers"] = mean < 0 and abs(mean) > 2 * stderr
-    return {
+        by_method.setdefault(row["method"], {})[row["sparsity"]] = row
+    sae = by_method[SAE_METHOD]
+    methods = {
+        name: _paired_comparison(method_rows, sae)
+        for name, method_rows in by_method.items()
+        if name != SAE_METHOD
+    }
+    summary: dict[str, Any] = {
         "sparsities": sorted(sae),
-        "rule": "paired (same data and init) relative difference wsae / sae - 1 of "
-        "gt_error_on_support, mean over all moderate (S, seed) pairs, < 0 by more "
-        "than 2 standard errors",
+        "rule": "paired (same data and init) relative difference method / baseline "
+        "- 1 of gt_error_on_support, mean over all moderate (S, seed) pairs, < 0 by "
+        "more than 2 standard errors; baseline: the plain sae in 'methods', the "
+        "matched-penalty control in 'vs_matched_control'",
         "methods": methods,
-        "any_wsae_lowers": any(m["lowers"] for m in methods.values()),
+        "any_wsae_lowers": any(
+            entry["lowers"]
+            for name, entry in methods.items()
+            if name.startswith(WSAE_PREFIX)
+        ),
+    }
+    pairs = {
+        name: MATCHED_PREFIX + name.removeprefix(WSAE_PREFIX)
+        for name in by_method
+        if name.startswith(WSAE_PREFIX)
+        and MATCHED_PREFIX + name.removeprefix(WSAE_PREFIX) in by_method
+    }
+    if pairs:
+        versus = {
+            name: {
+                "control": control,
+                **_paired_comparison(by_method[name], by_method[control]),
+            }
+            for name, control in pairs.items()
+        }
+        summary["vs_matched_control"] = versus
+        summary["any_wsae_beats_matched_control"] = any(
+            entry["lowers"] for entry in versus.values()
+        )
+    return summary
+
+
+def _paired_comparison(
+    rows: dict[float, dict[str, Any]], base: dict[float, dict[str, Any]]
+) -> dict[str, Any]:
+    """The paired rule of :func:`moderate_sparsity_summary`, ``rows`` vs ``base``
+    (both keyed by S)."""
+    per_sparsity, all_ratios = [], []
+    for sparsity in sorted(rows):
+        row, base_row = rows[sparsity], base[sparsity]
+        ratios = _paired_relative_change(row, base_row, "gt_error_on_support")
+        all_ratios.extend(ratios)
+        entry = {
+            "sparsity": sparsity,
+            "gt_relative_change": statistics.fmean(ratios),
+            "seeds_lower": sum(r < 0 for r in ratios),
+            "seeds": len(ratios),
+        }
+        if "polysemantic_error_per_seed" in row:
+            entry["polysemantic_relative_change"] = statistics.fmean(
+                _paired_relative_change(row, base_row, "polysemantic_error")
+            )
+        per_sparsity.append(entry)
+    mean = statistics.fmean(all_ratios)
+    stderr = (
+        statistics.stdev(all_ratios) / math.sqrt(len(all_ratios))
+        if len(all_ratios) > 1
+        else 0
+    )
+    return {
+        "per_sparsity": per_sparsity,
+        "gt_relative_change_mean": mean,
+        "gt_relative_change_stderr": stderr,
+        "pairs_lower": f"{sum(r < 0 for r in all_ratios)}/{len(all_ratios)}",
+        "lowers": mean < 0 and abs(mean) > 2 * stderr,
     }
 
 
+def _paired_relative_change(
+    row: dict[str, Any], base: dict[str, Any], key: str
+) -> list[float]:
+    """``row / base - 1`` of ``key`` per seed (runs of one seed share data and init)."""
+    pairs = zip(row[f"{key}_per_seed"], base[f"{key}_per_seed"], strict=True)
+    return [w / s - 1 for w, s in pairs]
+
+
 def wsae_experiment(
-    seeds: int = 3, workers: int = 1, settings: WSAESettings | None = None
+    seeds: int = 3,
+    workers: int = os.cpu_count() or 1,
+    settings: WSAESettings | None = None,
 ) -> dict[str, Any]:
-    """SAE vs WSAE (alpha 0.5, 1) ground-truth and polysemantic errors across S.
+    """SAE vs WSAE (alpha 0.5, 1) vs matched-penalty controls: ground-truth and
+    polysemantic errors across S, for every kind of W_p.
 
     Args:
-        seeds: independent draws (W_p, samples, SAE init) per S.
-        workers: processes over the (S, seed) cells (1: in this process).
+        seeds: independent draws (W_p, samples, SAE init) per (W_p kind, S).
+        workers: processes over the (W_p kind, S, seed) cells, one thread each
+            (1: in this process; the results do not depend on it).
         settings: the shared setting (default: :class:`WSAESettings`).
 
     Returns:
-        ``{"experiment": "wsae", "settings", "rows": [{"sparsity", "method",
-        "gt_error_on_support", "gt_error_on_support_std", "polysemantic_error", ...,
-        "seeds"}], "moderate_sparsity": {...}}``.
+        ``{"experiment": "wsae", "settings", "rows": [{"w_p_kind", "sparsity",
+        "method", "gt_error_on_support", "gt_error_on_support_std",
+        "polysemantic_error", ..., "seeds"}], "moderate_sparsity": {kind: {...}}}``.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1; got {seeds}")
     settings = settings or WSAESettings()
-    cells = [(s, seed) for s in settings.sparsities for seed in range(seeds)]
+    cells = [
+        (kind, s, seed)
+        for kind in settings.w_p_kinds
+        for s in settings.sparsities
+        for seed in range(seeds)
+    ]
     results = dict(zip(cells, _run_cells(cells, settings, workers), strict=True))
     rows = _rows(settings, seeds, results)
     return {
         "experiment": "wsae",
         "settings": {**asdict(settings), "base_architecture": "standard"},
         "rows": rows,
-        "moderate_sparsity": moderate_sparsity_summary(
-            rows, settings.moderate_max_sparsity
-        ),
+        "moderate_sparsity": {
+            kind: moderate_sparsity_summary(
+                [row for row in rows if row["w_p_kind"] == kind],
+                settings.moderate_max_sparsity,
+            )
+            for kind in settings.w_p_kinds
+        },
     }

@@ -246,6 +246,73 @@ class WSAEData(NamedTuple):
     w_p: Tensor  # superposition matrix, [n_p, n], unit-norm columns
 
 
+# The kinds of W_p that :func:`make_wsae_data` draws.
+W_P_KINDS: tuple[str, ...] = ("gaussian", "mixed")
+
+
+def default_n_mono(n_p: int) -> int:
+    """Monosemantic input dimensions of a ``"mixed"`` W_p when none are asked for: half.
+
+    Args:
+        n_p: polysemantic dimension (>= 2 for a mix).
+    """
+    return n_p // 2
+
+
+def superposition_matrix(
+    n: int,
+    n_p: int,
+    kind: str = "gaussian",
+    n_mono: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """W_p, [n_p, n], unit-norm columns, of one of the kinds in :data:`W_P_KINDS`.
+
+    ``"gaussian"``: i.i.d. Gaussian entries, columns normalised; every input dimension
+    mixes all n features (equally polysemantic on average).
+
+    ``"mixed"``: seed 003's picture of a mix of monosemantic and superposed dimensions,
+    block diagonal. The first ``n_mono`` input dimensions are monosemantic: dimension i
+    is exactly feature i (``W_p[i, i] = 1``, zero elsewhere in its row and column), so
+    those features have no interference with any other (seed 003, Theorem 5: "weights
+    near 1 to monosemantic dimensions (small off-diagonal interference)"). The other
+    ``n - n_mono`` features are superposed in the remaining ``n_p - n_mono`` dimensions
+    only: a Gaussian block with unit-norm columns, so every one of those dimensions is a
+    Gaussian mix of all of them (interferences of both signs, as in the ``"gaussian"``
+    kind). ``n_p < n`` keeps at least one more feature than dimensions in that block.
+
+    Args:
+        n: number of ground-truth features.
+        n_p: polysemantic dimension, < n.
+        kind: ``"gaussian"`` or ``"mixed"``.
+        n_mono: monosemantic dimensions of ``"mixed"``, 1 <= n_mono < n_p (None:
+            :func:`default_n_mono`); must be None for ``"gaussian"``.
+        generator: random generator (None: the global one).
+        dtype: floating dtype.
+    """
+    if not 1 <= n_p < n:
+        raise ValueError(f"need 1 <= n_p < n (superposition); got n={n}, n_p={n_p}")
+    if kind == "gaussian":
+        if n_mono is not None:
+            raise ValueError(f"n_mono applies to the 'mixed' W_p only; got {n_mono}")
+        w_p = torch.randn(n_p, n, generator=generator, dtype=dtype)
+        return w_p / w_p.norm(dim=0, keepdim=True)
+    if kind != "mixed":
+        raise ValueError(f"w_p_kind={kind!r} is invalid: must be one of {W_P_KINDS}")
+    n_mono = default_n_mono(n_p) if n_mono is None else n_mono
+    if not 1 <= n_mono < n_p:
+        raise ValueError(
+            f"a 'mixed' W_p needs 1 <= n_mono < n_p = {n_p} (some monosemantic and "
+            f"some polysemantic dimensions); got n_mono={n_mono}"
+        )
+    block = torch.randn(n_p - n_mono, n - n_mono, generator=generator, dtype=dtype)
+    w_p = torch.zeros(n_p, n, dtype=dtype)
+    w_p[:n_mono, :n_mono] = torch.eye(n_mono, dtype=dtype)
+    w_p[n_mono:, n_mono:] = block / block.norm(dim=0, keepdim=True)
+    return w_p
+
+
 def make_wsae_data(
     n: int,
     n_p: int,
@@ -253,13 +320,19 @@ def make_wsae_data(
     n_samples: int,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    w_p_kind: str = "gaussian",
+    n_mono: int | None = None,
 ) -> WSAEData:
     """Sample x and ``x_p = W_p x`` under seed 003's sparsity assumption.
 
     Each x_i is 0 with probability ``sparsity`` (S) and otherwise drawn from U(0, 1]
     (the seed fixes only positivity; uniform magnitudes follow the toy-models setting).
-    W_p has i.i.d. Gaussian entries with columns normalised to unit norm, so every
-    feature direction has the same scale and ``(W_p^T W_p)_ii = 1``.
+    W_p (:func:`superposition_matrix`) has unit-norm columns, so every feature direction
+    has the same scale and ``(W_p^T W_p)_ii = 1``. ``"gaussian"`` (the default): i.i.d.
+    Gaussian entries. ``"mixed"``: the first ``n_mono`` input dimensions are features
+    0..n_mono-1 themselves, the others a Gaussian mix of the remaining features; there a
+    polysemantic dimension sums about ``(n - n_mono) / (n_p - n_mono)`` features' worth
+    of variance, a monosemantic one a single feature's.
 
     Args:
         n: number of ground-truth features (seed 002's toy model: 200).
@@ -268,14 +341,15 @@ def make_wsae_data(
         n_samples: batch size.
         seed: seeds a private generator, so the global RNG is untouched.
         dtype: floating dtype of the outputs.
+        w_p_kind: one of :data:`W_P_KINDS`.
+        n_mono: monosemantic dimensions of a ``"mixed"`` W_p (None: n_p // 2).
     """
     if not 1 <= n_p < n:
         raise ValueError(f"need 1 <= n_p < n (superposition); got n={n}, n_p={n_p}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity S must be in [0, 1); got {sparsity}")
     gen = torch.Generator().manual_seed(seed)
-    w_p = torch.randn(n_p, n, generator=gen, dtype=dtype)
-    w_p = w_p / w_p.norm(dim=0, keepdim=True)
+    w_p = superposition_matrix(n, n_p, w_p_kind, n_mono, generator=gen, dtype=dtype)
     active = torch.rand(n_samples, n, generator=gen, dtype=dtype) >= sparsity
     # 1 - U[0, 1) lies in (0, 1], so an active coordinate is never exactly 0.
     magnitude = 1.0 - torch.rand(n_samples, n, generator=gen, dtype=dtype)

@@ -21,6 +21,7 @@ from sae_gba.wsae_theory import (
     sae_loss,
     sae_reconstruction,
     shrinking_example,
+    superposition_matrix,
     vanishing_example,
 )
 
@@ -200,6 +201,67 @@ def test_make_wsae_data__shapes_sparsity_and_seed():
 def test_make_wsae_data__rejects_invalid(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_wsae_data(n_samples=8, **kwargs)
+
+
+def test_make_wsae_data__gaussian_is_the_default_kind():
+    default = make_wsae_data(30, 6, sparsity=0.8, n_samples=64, seed=3)
+    explicit = make_wsae_data(30, 6, 0.8, 64, seed=3, w_p_kind="gaussian")
+    for a, b in zip(default, explicit, strict=True):
+        assert torch.equal(a, b)
+    assert bool((default.w_p != 0).all())  # every dimension mixes every feature
+
+
+@pytest.mark.parametrize(("n", "n_p", "n_mono"), [(200, 20, 10), (12, 5, 1), (9, 8, 7)])
+def test_make_wsae_data__mixed_structure(n, n_p, n_mono):
+    data = make_wsae_data(n, n_p, 0.5, n_samples=256, seed=5, w_p_kind="mixed",
+                          n_mono=n_mono)  # fmt: skip
+    w_p = data.w_p
+    assert w_p.shape == (n_p, n) and n_p < n
+    torch.testing.assert_close(w_p.norm(dim=0), torch.ones(n, dtype=torch.float64))
+    # Monosemantic: input dimension i is exactly feature i, and nothing else.
+    assert torch.equal(w_p[:n_mono, :n_mono], torch.eye(n_mono, dtype=torch.float64))
+    assert bool((w_p[:n_mono, n_mono:] == 0).all())
+    assert bool((w_p[n_mono:, :n_mono] == 0).all())
+    assert torch.equal(data.x_p[:, :n_mono], data.x[:, :n_mono])
+    # Polysemantic: every other dimension mixes all of the other features.
+    assert bool((w_p[n_mono:, n_mono:] != 0).all())
+    torch.testing.assert_close(data.x_p, data.x @ w_p.T)
+    # Monosemantic features interfere with no other; the superposed ones do.
+    interference = interference_matrix(w_p)
+    assert float(interference[:n_mono].abs().max()) < 1e-12
+    assert float(interference[n_mono:, n_mono:].abs().max()) > 0.1
+
+
+def test_make_wsae_data__mixed_polysemantic_dimensions_have_the_larger_variance():
+    # Unit-norm columns: a polysemantic dimension carries (n - n_mono) / (n_p - n_mono)
+    # = 19 features' worth of variance on average, a monosemantic one exactly one.
+    data = make_wsae_data(200, 20, 0.7, n_samples=20_000, seed=0, w_p_kind="mixed")
+    variance = data.x_p.var(dim=0)
+    ratio = float(variance[10:].mean() / variance[:10].mean())
+    assert ratio == pytest.approx(19, rel=0.15)
+    assert float(variance[10:].min()) > float(variance[:10].max())
+
+
+def test_superposition_matrix__mixed_default_n_mono_is_half():
+    w_p = superposition_matrix(
+        20, 6, "mixed", generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(w_p[:3, :3], torch.eye(3, dtype=torch.float64))
+    assert bool((w_p[3:, 3:] != 0).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"w_p_kind": "sparse"}, "w_p_kind"),
+        ({"w_p_kind": "mixed", "n_mono": 0}, "n_mono"),
+        ({"w_p_kind": "mixed", "n_mono": 4}, "n_mono"),  # = n_p: nothing superposed
+        ({"w_p_kind": "gaussian", "n_mono": 2}, "mixed"),
+    ],
+)
+def test_make_wsae_data__rejects_invalid_kinds(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_wsae_data(10, 4, 0.5, n_samples=8, **kwargs)
 
 
 def test_ground_truth_error_on_support__plus_off_support_is_gt_loss():

@@ -184,6 +184,7 @@ def imbalanced(
         ("ba", base.with_(method="ba")),
         *[("topk", base.with_(method="topk", k=k)) for k in (20, 30, 50)],
         ("batchtopk", base.with_(method="batchtopk", k=20)),
+        ("l1", base.with_(method="l1")),
     ]
     return {
         "experiment": "imbalanced",

@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _label(row: dict[str, Any]) -> str:
-    """Bar label: the method, with its K for TopK-like methods."""
-    return row["method"] + (f" K={row['k']}" if row.get("k") else "")
+    """Bar label: the method, its K for TopK-like methods, its ablation variant."""
+    label = row["method"] + (f" K={row['k']}" if row.get("k") else "")
+    return label + (f": {row['variant']}" if row.get("variant") else "")
 
 
 def _bars(
@@ -106,7 +107,8 @@ def _planted(ax: Any, result: dict[str, Any]) -> None:
 
 def _wsae(ax: Any, result: dict[str, Any]) -> None:
     """Per kind of W_p (one row of panels each), two panels against S: ground-truth
-    error on the support, polysemantic error. Rows without ``w_p_kind`` are Gaussian."""
+    error on the support, polysemantic error. Rows without ``w_p_kind`` are Gaussian.
+    A matched-penalty control is drawn dashed in the colour of its WSAE."""
     ax.set_axis_off()  # keeps the figure title; the panels are insets
     all_rows = result["rows"]
     kinds = list(dict.fromkeys(row.get("w_p_kind", "gaussian") for row in all_rows))
@@ -128,9 +130,15 @@ def _wsae(ax: Any, result: dict[str, Any]) -> None:
                 rows = sorted((r for r in kind_rows if r["method"] == method),
                               key=lambda r: r["sparsity"])  # fmt: skip
                 shift = 0.06 * (j - (len(methods) - 1) / 2)  # side by side error bars
+                # A matched-penalty control: its WSAE's colour, dashed, square markers.
+                control = method.startswith("sae_l1_matched_alpha")
+                twin = method.replace("sae_l1_matched_alpha", "wsae_alpha")
+                colour = f"C{methods.index(twin if twin in methods else method)}"
                 panel.errorbar([sparsities.index(r["sparsity"]) + shift for r in rows],
                                [r[key] for r in rows], [r[f"{key}_std"] for r in rows],
-                               marker="o", capsize=3, label=method)  # fmt: skip
+                               marker="s" if control else "o", capsize=3,
+                               color=colour, linestyle="--" if control else "-",
+                               label=method)  # fmt: skip
             if key == "gt_error_on_support":
                 panel.plot(range(len(sparsities)), [trivial[s] for s in sparsities],
                            "k:", label="all latents 0")  # fmt: skip
@@ -151,7 +159,8 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
         path: PNG path.
     """
     name = result["experiment"]
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    wide = name == "ablate"
+    fig, ax = plt.subplots(figsize=(15, 6.5) if wide else (9, 4.8))
     if name in ("imbalanced", "ablate"):
         _bars(ax, result["rows"], ("frr@0.8", "frr@0.9"), "feature recovery rate")
     elif name == "consistency":

@@ -228,7 +228,7 @@ def resonance(
 
     BA runs in the theory's regime (output scale frozen at its small initial value),
     the regime the resonance statement is about. The default data (n = 256, s = 3,
-    width 1,024, 2,000 steps) put d = 12 below sqrt(n) = 16 while keeping the chance
+    width 1,024, 3,000 steps) put d = 12 below sqrt(n) = 16 while keeping the chance
     floor at tau = 0.9 low; every cell also records the firing frequency reached.
 
     Args:
@@ -245,7 +245,10 @@ def resonance(
         method="ba",
         data=uniform_preset(sparsity=3, n_features=256),
         width=1024,
-        steps=2000,
+        steps=3000,
+        # 300 adaptations: at 50-step windows (60) the controller had only brought
+        # the firing frequency from 0.5 to 0.09 for every target below that.
+        gba={"adaptation_interval": 10},
     )
     grid, specs = [], []
     for d in dims:

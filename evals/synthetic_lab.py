@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -75,8 +76,17 @@ def _run(spec: RunSpec, probe_every: int | None = None) -> dict[str, Any]:
     return result
 
 
-def _single_thread() -> None:
+def _worker_init(parent: int) -> None:
     torch.set_num_threads(1)
+
+    # A worker whose parent was killed (SIGTERM, not Ctrl-C, which reaches the whole
+    # process group) would otherwise train on as an orphan.
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def run_all(
@@ -99,7 +109,10 @@ def run_all(
         return [_run(spec, probe_every) for spec in tqdm(specs, desc="runs")]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        min(workers, len(specs)), mp_context=context, initializer=_single_thread
+        min(workers, len(specs)),
+        mp_context=context,
+        initializer=_worker_init,
+        initargs=(os.getpid(),),
     ) as pool:
         futures = [pool.submit(_run, spec, probe_every) for spec in specs]
         return [future.result() for future in tqdm(futures, desc="runs")]

@@ -40,6 +40,7 @@ from sae_gba.bias_adaptation import (
     group_index,
     target_frequencies,
 )
+from sae_gba.buffers import keep_float32
 
 # Adaptation state: saved with training checkpoints, dropped from exported SAEs.
 WINDOW_BUFFERS = (
@@ -334,11 +335,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     @override
     def _apply(self, *args: Any, **kwargs: Any) -> "GBATrainingSAE":
         out = super()._apply(*args, **kwargs)
-        # nn.Module.to(dtype) casts float buffers; the controller state stays float32.
-        for name in FLOAT32_STATE:
-            buffer = self._buffers.get(name)
-            if buffer is not None and buffer.dtype != torch.float32:
-                self._buffers[name] = buffer.float()
+        keep_float32(self, FLOAT32_STATE)
         return out
 
     @override

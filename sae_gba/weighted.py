@@ -55,6 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from typing_extensions import override
 
+from sae_gba.buffers import keep_float32
 from sae_gba.gba_sae import GBATrainingSAE, GBATrainingSAEConfig
 
 # Type checkers see the mixins as what they extend; at run time they are plain mixins.
@@ -348,11 +349,7 @@ class WeightedTrainingMixin(_TrainingBase):
     @override
     def _apply(self, *args: Any, **kwargs: Any) -> Any:
         out = super()._apply(*args, **kwargs)
-        # nn.Module.to(dtype) casts float buffers; the weight state stays float32.
-        for name in FLOAT32_STATE:
-            buffer = self._buffers.get(name)
-            if buffer is not None and buffer.dtype != torch.float32:
-                self._buffers[name] = buffer.float()
+        keep_float32(self, FLOAT32_STATE)
         return out
 
     @override

@@ -15,6 +15,10 @@ the first batch's mean); the biases are buffers steered by bias adaptation
 every trained quantity is in units of ``c``, multiplying the inputs by any constant
 changes nothing but ``c``. The exported SAE is SAELens's ``jumprelu``:
 ``W_enc = w.T, b_enc = 0, threshold = -c * b, W_dec = a * w, b_dec = b_pre``.
+
+Training steps run through ``fast_step`` (one autograd op with a hand-written,
+sparsity-aware backward; same values and gradients); ``SAE_GBA_FAST_STEP=0``, an
+activation hook or autocast selects plain autograd on the formula instead.
 """
 
 from dataclasses import dataclass
@@ -41,6 +45,7 @@ from sae_gba.bias_adaptation import (
     target_frequencies,
 )
 from sae_gba.buffers import keep_float32
+from sae_gba.fast_step import fast_step_enabled, fused_forward
 
 # Adaptation state: saved with training checkpoints, dropped from exported SAEs.
 WINDOW_BUFFERS = (
@@ -361,8 +366,16 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         # The loss lives where the SAE works: after SAELens's run-time normalisation
         # (per-token with constant_norm_rescale), in units of the input scale.
         processed_in = self._process_in(sae_in)
-        feature_acts, hidden_pre = self._encode_processed(processed_in)
-        processed_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        forward = (
+            self._fused_forward
+            if self._fused_step_applies(processed_in)
+            else self._reference_forward
+        )
+        processed_out, feature_acts, hidden_pre = forward(processed_in)
+        with torch.no_grad():
+            self.window_tokens += processed_in.numel() // self.cfg.d_in
+            self.window_steps += 1
+        processed_out = self.hook_sae_recons(processed_out)
         scale = self.input_scale.to(processed_out)
         # Per-dimension squared errors through SAELens's mse_loss_fn hook, so a
         # weighted subclass (sae_gba.weighted) can weight them.
@@ -371,15 +384,6 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         sae_out = self.reshape_fn_out(
             self.run_time_activation_norm_fn_out(processed_out), self.d_head
         )
-
-        with torch.no_grad():
-            preacts = hidden_pre.reshape(-1, self.cfg.d_sae) / scale + self.gate_bias
-            accumulate_window(
-                self.window_fire_counts, self.window_peak_preacts, preacts
-            )
-            self.window_tokens += preacts.shape[0]
-            self.window_steps += 1
-
         return TrainStepOutput(
             sae_in=sae_in,
             sae_out=sae_out,
@@ -389,6 +393,53 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             losses={"mse_loss": mse_loss},
             metrics={"gba/mean_gate_bias": lambda: self.gate_bias.mean()},
         )
+
+    def _fused_step_applies(self, processed_in: torch.Tensor) -> bool:
+        # The fused step bypasses the activation hook points: fall back when a hook is
+        # attached to them, and under autocast (whose casts are per op).
+        hooked = any(
+            hook._forward_hooks or hook._forward_pre_hooks or hook._backward_hooks
+            for hook in (self.hook_sae_acts_pre, self.hook_sae_acts_post)
+        )
+        autocast = torch.is_autocast_enabled(processed_in.device.type)
+        return fast_step_enabled() and not hooked and not autocast
+
+    def _fused_forward(self, processed_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x_hat, feature_acts, hidden_pre) by ``fast_step`` (one fused autograd op)."""
+        x = processed_in.reshape(-1, self.cfg.d_in)
+        scale = self.input_scale.to(x)
+        out = fused_forward(
+            x,
+            self.directions,
+            self.output_scale,
+            self.pre_bias,
+            scale,
+            self.threshold.to(x),
+        )
+        with torch.no_grad():
+            self.window_fire_counts += out.fire_counts
+            peaks = (out.peak_hidden_pre / scale + self.gate_bias).float()
+            torch.maximum(self.window_peak_preacts, peaks, out=self.window_peak_preacts)
+        lead = processed_in.shape[:-1]
+        return (
+            out.x_hat.reshape(processed_in.shape),
+            out.feature_acts.reshape(*lead, self.cfg.d_sae),
+            out.hidden_pre.reshape(*lead, self.cfg.d_sae),
+        )
+
+    def _reference_forward(
+        self, processed_in: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The same by plain autograd on the formula, through the hook points."""
+        feature_acts, hidden_pre = self._encode_processed(processed_in)
+        processed_out = feature_acts @ self.W_dec + self.b_dec
+        with torch.no_grad():
+            scale = self.input_scale.to(hidden_pre)
+            preacts = hidden_pre.reshape(-1, self.cfg.d_sae) / scale + self.gate_bias
+            accumulate_window(
+                self.window_fire_counts, self.window_peak_preacts, preacts
+            )
+        return processed_out, feature_acts, hidden_pre
 
     @torch.no_grad()
     def _before_step(self, sae_in: torch.Tensor) -> None:

@@ -67,6 +67,19 @@ def main(argv: list[str] | None = None) -> None:
     synth.add_argument(
         "--workers", type=int, help="parallel training processes (default: all cores)"
     )
+    synth.add_argument(
+        "--variants",
+        help="ablate only: comma-separated variant labels (default: all)",
+    )
+    synth.add_argument(
+        "--methods",
+        help="ablate only: gba and/or gba_frozen_scale, comma-separated (default: both)",
+    )
+    synth.add_argument(
+        "--data",
+        choices=["imbalanced", "uniform", "longtail"],
+        help="ablate only: the data preset (default: imbalanced)",
+    )
     publish = commands.add_parser(
         "publish",
         help="check exported SAE folders and upload them to the Hugging Face Hub "
@@ -161,7 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "synth":
         from evals.synthetic_lab import run_experiment
 
-        options = {} if args.workers is None else {"workers": args.workers}
+        options: dict[str, object] = {}
+        if args.workers is not None:
+            options["workers"] = args.workers
+        for name in ("variants", "methods", "data"):
+            value = getattr(args, name)
+            if value is not None:
+                if args.experiment != "ablate":
+                    parser.error(f"--{name} applies to ablate only")
+                options[name] = value if name == "data" else value.split(",")
         result = run_experiment(args.experiment, args.out, seeds=args.seeds, **options)
         print(json.dumps(result, indent=1)[:4000])
     elif args.command == "publish":

@@ -17,6 +17,7 @@ from evals.synthetic_methods import (
     plant_features,
     train,
 )
+from sae_gba.cli import main
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.synthetic import SyntheticFeatureModel, imbalanced_preset, uniform_preset
 
@@ -139,3 +140,46 @@ def test_imbalanced_json_schema(tmp_path) -> None:
 def test_bad_experiment_name_raises(tmp_path) -> None:
     with pytest.raises(ValueError, match="experiment='nope' is invalid"):
         run_experiment("nope", tmp_path / "x.json")
+
+
+def test_ablate_runs_only_the_chosen_variants_and_methods(tmp_path) -> None:
+    out = tmp_path / "ablate.json"
+    variants = ["default", "width*4 & output_scale_init/4"]
+    run_experiment(
+        "ablate",
+        out,
+        seeds=1,
+        base=TINY,
+        workers=1,
+        variants=variants,
+        methods=["gba_frozen_scale"],
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["method"], row["variant"]) for row in rows] == [
+        ("gba_frozen_scale", variant) for variant in variants
+    ]
+    # The same target frequencies over 4x the neurons: about 4x the L0.
+    assert rows[1]["l0"] > rows[0]["l0"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("variants", ["nope"]), ("methods", ["topk"]), ("data", "nope")],
+)
+def test_ablate_rejects_unknown_choices(tmp_path, field, value) -> None:
+    with pytest.raises(ValueError, match=f"{field}=.*nope|{field}=.*topk"):
+        run_experiment("ablate", tmp_path / "x.json", **{field: value})
+
+
+def test_synth_cli_refuses_ablate_options_for_other_experiments(tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "synth",
+                "imbalanced",
+                "--out",
+                str(tmp_path / "x.json"),
+                "--data",
+                "uniform",
+            ]
+        )

@@ -10,7 +10,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build first, so the torch requirement is already met (no multi-GB CUDA wheel).
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	# torch pinned again: sae-bench's torchvision would otherwise pull torch 2.14 (CUDA).
+	$(PY) -m pip install -q -e ".[dev,evals]" "torch==2.13.0"
+	# sae-bench requires torchvision but never imports it; PyPI's build fails to load
+	# beside the CPU torch ("operator torchvision::nms does not exist") and breaks
+	# transformers' imports, so it goes.
+	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

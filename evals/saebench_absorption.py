@@ -1,0 +1,502 @@
+"""SAEBench 0.6's first-letter absorption eval with an injected model (see evals.saebench).
+
+The stages are SAEBench's own: ``common.create_and_train_probe`` (ground-truth
+probes), ``run_k_sparse_probing_experiment`` and ``FeatureAbsorptionCalculator``; the
+output is assembled as ``absorption.main.run_eval`` does for one SAE. What differs is
+only how they are fed: the model is given (SAEBench loads it by name), the vocabulary
+is :func:`first_letter_words` (sorted, sampled, prompt-safe), and the forward passes
+stop after the probed layer (:func:`stop_after_layer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from evals.saebench import (
+    RELEASE,
+    EvalError,
+    EvalSettings,
+    add_provenance,
+    result_path,
+    saebench_version,
+)
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+# SAE activations for the k-sparse probes are precomputed when they fit in this.
+PRECALC_BYTES = 4 * 2**30
+
+
+@functools.lru_cache(maxsize=2)
+def _alpha_words(tokenizer: Any) -> tuple[str, ...]:
+    from sae_bench.evals.absorption.vocab import get_alpha_tokens
+
+    return tuple(sorted(set(get_alpha_tokens(tokenizer))))
+
+
+def first_letter_words(
+    tokenizer: Any,
+    n_words: int | None = None,
+    seed: int = 42,
+    template: str = "{word} has the first letter:",
+    token_pos: int = -6,
+) -> list[str]:
+    """SAEBench's letter-only vocabulary words, sorted, sampled and prompt-safe.
+
+    ``tokenizer.vocab`` order differs between processes, so the words are sorted
+    before any seeded step. A sample keeps each first letter's share (at least 20
+    words of each where the vocabulary has them). Words that do not stay one token
+    inside the prompt are dropped.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        n_words: sample size; None keeps every word.
+        seed: sampling seed.
+        template: SAEBench's prompt template.
+        token_pos: SAEBench's position of the word in the prompt (checked).
+    """
+    prefix, suffix = template.split("{word}")
+    encode = functools.partial(tokenizer, add_special_tokens=False)
+    head = encode("\n" + prefix)["input_ids"]
+    tail = encode(suffix)["input_ids"]
+    if -(len(tail) + 1) != token_pos:
+        raise EvalError(
+            f"the word sits at position {-(len(tail) + 1)} of the prompt with this "
+            f"tokenizer, not {token_pos}; set prompt_token_pos accordingly"
+        )
+    words = list(_alpha_words(tokenizer))
+    if n_words is not None and n_words < len(words):
+        by_letter: dict[str, list[str]] = {}
+        for word in words:
+            by_letter.setdefault(word.strip()[0].lower(), []).append(word)
+        rng = random.Random(seed)
+        share = n_words / len(words)
+        words = sorted(
+            w
+            for group in by_letter.values()
+            for w in rng.sample(
+                group, min(len(group), max(20, round(share * len(group))))
+            )
+        )
+    encoded = encode(["\n" + prefix + w + suffix for w in words])["input_ids"]
+    return [
+        w
+        for w, ids in zip(words, encoded, strict=True)
+        if len(ids) == len(head) + 1 + len(tail)
+        and ids[: len(head)] == head
+        and ids[len(head) + 1 :] == tail
+    ]
+
+
+def sae_input_space(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The SAE's per-token input normalisation as a pure function (None if it has none).
+
+    SAEBench's absorption compares latent activations times decoder directions with
+    probe projections of the raw activation, which assumes the decoder maps latents
+    linearly into the activation space. With SAELens's run-time normalisation
+    (``constant_norm_rescale``, ``layer_norm``) it maps into the normalised space, so
+    the probed activations are normalised first; the SAE's own normalisation is then
+    the identity on them.
+    """
+    kind = sae.cfg.normalize_activations
+    if kind == "constant_norm_rescale":
+        return lambda x: x * (sae.cfg.d_in**0.5 / x.norm(dim=-1, keepdim=True))
+    if kind == "layer_norm":
+
+        def layer_norm(x: torch.Tensor) -> torch.Tensor:
+            x = x - x.mean(dim=-1, keepdim=True)
+            return x / (x.std(dim=-1, keepdim=True) + 1e-5)
+
+        return layer_norm
+    return None
+
+
+@contextlib.contextmanager
+def stop_after_layer(
+    model: HookedTransformer,
+    layer: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Make ``model.run_with_cache`` stop after block ``layer`` (same activations there).
+
+    SAEBench's absorption stages read only ``blocks.{layer}.hook_resid_post`` but run
+    the whole model, unembedding included; this skips the rest. ``transform``, if
+    given, is applied to that cached activation (see :func:`sae_input_space`).
+    """
+    hook = f"blocks.{layer}.hook_resid_post"
+
+    def run_with_cache(*args: Any, **kwargs: Any) -> Any:
+        kwargs["stop_at_layer"] = layer + 1
+        out, cache = type(model).run_with_cache(model, *args, **kwargs)
+        if transform is not None and hook in cache.cache_dict:
+            cache.cache_dict[hook] = transform(cache.cache_dict[hook])
+        return out, cache
+
+    model.run_with_cache = run_with_cache
+    try:
+        yield
+    finally:
+        del model.run_with_cache
+
+
+def _probe_dir(
+    model: HookedTransformer, layer: int, words: list[str], config: Any, space: str
+) -> Path:
+    from sae_gba.embedded import cache_dir
+
+    fingerprint = float(model.W_E[:16].double().sum())
+    key = json.dumps(
+        [
+            model.cfg.model_name,
+            model.cfg.n_layers,
+            model.cfg.d_model,
+            str(model.cfg.dtype),
+            fingerprint,
+            layer,
+            config.prompt_template,
+            config.prompt_token_pos,
+            config.random_seed,
+            space,
+            saebench_version(),
+            words,
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return (
+        cache_dir()
+        / "saebench_probes"
+        / f"{model.cfg.model_name}-layer{layer}-{digest}"
+    )
+
+
+def run_absorption(
+    sae: SAE[Any],
+    model: HookedTransformer,
+    out_dir: str | Path,
+    *,
+    settings: EvalSettings | None = None,
+    sae_name: str = "sae",
+    probes_dir: str | Path | None = None,
+    precalc: bool | None = None,
+    **config_fields: Any,
+) -> dict[str, Any]:
+    """SAEBench's first-letter absorption eval of ``sae``; writes its result JSON.
+
+    As in SAEBench, when fewer than ``min_feats_for_eval`` letters have a ground-truth
+    probe with F1 above ``min_GT_probe_f1``, no result is written and the returned
+    status says so.
+
+    Args:
+        sae: a SAELens SAE prepared by ``evals.saebench.prepare_sae``.
+        model: the model, with a tokenizer, in the dtype to run (recorded).
+        out_dir: folder for the JSON files and SAEBench's working files.
+        settings: word sample, batch size, seed (None: the defaults).
+        sae_name: the SAE's name in SAEBench's output.
+        probes_dir: where ground-truth probes are kept; None means a cache folder
+            keyed by model, layer, dtype and word list.
+        precalc: precompute SAE activations for the k-sparse probes; None decides
+            by memory (at most :data:`PRECALC_BYTES`).
+        **config_fields: further ``AbsorptionEvalConfig`` fields (thresholds, gates).
+
+    Returns:
+        The JSON path (None when not evaluated), SAEBench's mean metrics, the word
+        and token counts with the status, and the stage timings.
+    """
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+
+    settings = settings or EvalSettings()
+    layer = sae.cfg.hook_layer
+    if sae.cfg.hook_name != f"blocks.{layer}.hook_resid_post":
+        raise EvalError(
+            f"absorption probes blocks.{layer}.hook_resid_post; this SAE reads "
+            f"{sae.cfg.hook_name}"
+        )
+    sae = sae.to(dtype=model.cfg.dtype)
+    config = AbsorptionEvalConfig(
+        model_name=model.cfg.model_name,
+        random_seed=settings.seed,
+        llm_batch_size=settings.absorption_llm_batch_size,
+        llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
+        **config_fields,
+    )
+    words = first_letter_words(
+        model.tokenizer,
+        settings.absorption_words,
+        settings.seed,
+        config.prompt_template,
+        config.prompt_token_pos,
+    )
+    n_train = int(len(words) * 0.8)  # create_dataset_probe_training's split
+    if precalc is None:
+        precalc = n_train * sae.cfg.d_sae * sae.W_enc.element_size() <= PRECALC_BYTES
+    config.precalc_k_sparse_probe_sae_acts = precalc
+    transform = sae_input_space(sae)
+    space = sae.cfg.normalize_activations if transform else "raw"
+    probes_dir = Path(probes_dir or _probe_dir(model, layer, words, config, space))
+    out_dir, name = Path(out_dir), f"{RELEASE}_{sae_name}"
+    cached = (
+        probes_dir / model.cfg.model_name / f"layer_{layer}" / "probe.pth"
+    ).exists()
+    timings: dict[str, float] = {}
+    _seed_everything(settings.seed)
+    with torch.enable_grad(), stop_after_layer(model, layer, transform):
+        start = time.perf_counter()
+        if not cached:
+            _train_ground_truth_probe(model, layer, words, config, probes_dir)
+        timings["ground_truth_probe_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        k_sparse = _k_sparse_probing(model, sae, name, config, out_dir, probes_dir)
+        timings["k_sparse_probing_s"] = time.perf_counter() - start
+        passing = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
+        raw = None
+        if passing >= config.min_feats_for_eval:
+            start = time.perf_counter()
+            raw = _feature_absorption(
+                model, sae, name, config, words, out_dir, probes_dir
+            )
+            timings["feature_absorption_s"] = time.perf_counter() - start
+    prompt_tokens = len(model.to_tokens(_example_prompt(words, config))[0])
+    info: dict[str, Any] = {
+        "words": len(words),
+        "train_words": n_train,
+        "test_words": len(words) - n_train,
+        "prompt_tokens": prompt_tokens,
+        "ground_truth_probe_tokens": len(words) * prompt_tokens,
+        "ground_truth_probe_cached": cached,
+        "activation_space": space,
+        "probes_dir": str(probes_dir),
+        "letters_passing_probe_gate": passing,
+        "ground_truth_probe_f1": dict(
+            zip(k_sparse["letter"], k_sparse["f1_probe"], strict=True)
+        ),
+    }
+    if raw is None:
+        info["status"] = (
+            f"not evaluated: {passing} letters have a ground-truth probe with F1 > "
+            f"{config.min_GT_probe_f1}, SAEBench needs {config.min_feats_for_eval}"
+        )
+        return {"path": None, "metrics": None, "tokens": info, "timings": timings}
+    info["absorption_prompts"] = len(raw)
+    info["absorption_tokens"] = len(raw) * prompt_tokens
+    info["status"] = "evaluated"
+    output = _absorption_output(config, raw, k_sparse, sae, sae_name)
+    path = result_path(out_dir, sae_name)
+    output.to_json_file(str(path), indent=2)
+    add_provenance(path, {**info, "timings": timings})
+    return {
+        "path": str(path),
+        "metrics": asdict(output.eval_result_metrics),
+        "tokens": info,
+        "timings": timings,
+    }
+
+
+def _train_ground_truth_probe(
+    model: HookedTransformer,
+    layer: int,
+    words: list[str],
+    config: Any,
+    probes_dir: Path,
+) -> None:
+    """SAEBench's ``train_and_save_probes`` for one layer, on ``words``."""
+    from sae_bench.evals.absorption.common import create_and_train_probe
+    from sae_bench.evals.absorption.prompting import first_letter_formatter
+
+    create_and_train_probe(
+        model=model,
+        formatter=first_letter_formatter(),
+        hook_point=f"blocks.{layer}.hook_resid_post",
+        probes_dir=probes_dir,
+        vocab=words,
+        batch_size=64,  # train_and_save_probes's defaults
+        num_epochs=50,
+        lr=1e-2,
+        device=torch.device(model.cfg.device),
+        base_template=config.prompt_template,
+        pos_idx=config.prompt_token_pos,
+    )
+
+
+def _k_sparse_probing(
+    model: HookedTransformer,
+    sae: SAE[Any],
+    name: str,
+    config: Any,
+    out_dir: Path,
+    probes_dir: Path,
+) -> Any:
+    """SAEBench's k-sparse probing stage; its table is also written as JSON."""
+    from sae_bench.evals.absorption.k_sparse_probing import (
+        run_k_sparse_probing_experiment,
+    )
+
+    table = run_k_sparse_probing_experiment(
+        model=model,
+        sae=sae,
+        layer=sae.cfg.hook_layer,
+        sae_name=name,
+        force=True,
+        max_k_value=config.max_k_value,
+        f1_jump_threshold=config.f1_jump_threshold,
+        prompt_template=config.prompt_template,
+        prompt_token_pos=config.prompt_token_pos,
+        device=str(sae.device),
+        experiment_dir=out_dir / "artifacts" / "k_sparse_probing",
+        probes_dir=probes_dir,
+        k_sparse_probe_l1_decay=config.k_sparse_probe_l1_decay,
+        k_sparse_probe_batch_size=config.k_sparse_probe_batch_size,
+        k_sparse_probe_num_epochs=config.k_sparse_probe_num_epochs,
+        eval_batch_size=config.eval_k_sparse_probe_batch_size,
+        precalc_k_sparse_probe_sae_acts=config.precalc_k_sparse_probe_sae_acts,
+        verbose=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_json(out_dir / f"{name}_k_sparse_probing.json", orient="records", indent=4)
+    return table
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _example_prompt(words: list[str], config: Any) -> str:
+    from sae_bench.evals.absorption.prompting import create_icl_prompt
+
+    return create_icl_prompt(
+        words[0],
+        examples=words,
+        base_template=config.prompt_template,
+        max_icl_examples=10,
+        prepend_separator_to_first_example=True,
+    ).base
+
+
+def _feature_absorption(
+    model: HookedTransformer,
+    sae: SAE[Any],
+    name: str,
+    config: Any,
+    words: list[str],
+    out_dir: Path,
+    probes_dir: Path,
+) -> Any:
+    """``run_feature_absortion_experiment`` with ``words`` as the in-context examples.
+
+    SAEBench draws the examples from the whole tokenizer vocabulary, where a few words
+    tokenize differently in context and make its prompt-length check raise.
+    """
+    from sae_bench.evals.absorption import feature_absorption as fa
+    from sae_bench.evals.absorption import k_sparse_probing as ks
+    from sae_bench.evals.absorption.common import load_experiment_df
+    from sae_bench.evals.absorption.prompting import first_letter_formatter
+
+    calculator = fa.FeatureAbsorptionCalculator(
+        model=model,
+        icl_word_list=words,
+        max_icl_examples=10,
+        base_template=config.prompt_template,
+        answer_formatter=first_letter_formatter(),
+        word_token_pos=config.prompt_token_pos,
+        full_absorption_probe_cos_sim_threshold=fa.FULL_ABSORPTION_PROBE_COS_THRESHOLD,
+        absorption_fraction_probe_cos_sim_threshold=fa.ABSORPTION_FRACTION_PROBE_COS_THRESHOLD,
+        probe_projection_proportion_threshold=fa.ABSORPTION_PROBE_PROJECTION_PROPORTION_THRESHOLD,
+        absorption_fraction_max_absorbing_latents=fa.ABSORPTION_FRACTION_MAX_ABSORBING_LATENTS,
+        batch_size=config.llm_batch_size,
+    )
+    layer = sae.cfg.hook_layer
+    sparse_dir = out_dir / "artifacts" / "k_sparse_probing" / name
+    metrics = load_experiment_df(
+        ks.SPARSE_PROBING_EXPERIMENT_NAME,
+        sparse_dir / ks.get_sparse_probing_metrics_filename(name, layer),
+    )
+    ks.add_feature_splits_to_metrics_df(
+        metrics,
+        max_k_value=config.max_k_value,
+        f1_jump_threshold=config.f1_jump_threshold,
+    )
+    return fa.load_and_run_calculate_projections_and_cos_sims(
+        model,
+        sae,
+        calculator,
+        metrics,
+        sae_name=name,
+        layer=layer,
+        probes_dir=probes_dir,
+        sparse_probing_task_output_dir=sparse_dir,
+        device=str(sae.device),
+    )
+
+
+def _absorption_output(
+    config: Any, raw: Any, k_sparse: Any, sae: SAE[Any], sae_name: str
+) -> Any:
+    """``AbsorptionEvalOutput`` for one SAE, as ``absorption.main.run_eval`` builds it."""
+    from sae_bench.evals.absorption import main as absorption
+    from sae_bench.evals.absorption.eval_output import (
+        EVAL_TYPE_ID_ABSORPTION,
+        AbsorptionEvalOutput,
+        AbsorptionMeanMetrics,
+        AbsorptionMetricCategories,
+        AbsorptionResultDetail,
+    )
+    from sae_bench.sae_bench_utils import get_eval_uuid
+
+    fractions, full_rates, splits, details = [], [], [], []
+    for _, row in absorption._aggregate_results_df(raw).iterrows():
+        f1 = k_sparse[k_sparse["letter"] == row["letter"]]["f1_probe"].item()
+        if f1 <= config.min_GT_probe_f1:
+            continue
+        fractions.append(row["mean_absorption_fraction"])
+        full_rates.append(row["full_absorption_rate"])
+        splits.append(row["num_split_feats"])
+        details.append(
+            AbsorptionResultDetail(
+                first_letter=row["letter"],
+                mean_absorption_fraction=row["mean_absorption_fraction"],
+                full_absorption_rate=row["full_absorption_rate"],
+                num_full_absorption=row["num_full_absorption"],
+                num_probe_true_positives=row["num_probe_true_positives"],
+                num_split_features=row["num_split_feats"],
+            )
+        )
+    return AbsorptionEvalOutput(
+        eval_type_id=EVAL_TYPE_ID_ABSORPTION,
+        eval_config=config,
+        eval_id=get_eval_uuid(),
+        datetime_epoch_millis=int(datetime.now().timestamp() * 1000),
+        eval_result_metrics=AbsorptionMetricCategories(
+            mean=AbsorptionMeanMetrics(
+                mean_absorption_fraction_score=statistics.mean(fractions),
+                mean_full_absorption_score=statistics.mean(full_rates),
+                mean_num_split_features=statistics.mean(splits),
+                std_dev_absorption_fraction_score=statistics.stdev(fractions),
+                std_dev_full_absorption_score=statistics.stdev(full_rates),
+                std_dev_num_split_features=statistics.stdev(splits),
+            )
+        ),
+        eval_result_details=details,
+        sae_bench_commit_hash=saebench_version(),
+        sae_lens_id=sae_name,
+        sae_lens_release_id=RELEASE,
+        sae_lens_version=version("sae_lens"),
+        sae_cfg_dict=sae.cfg.to_dict(),
+    )

@@ -146,6 +146,33 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="skip the embedded model's activation-harvest measurement",
     )
+    compare = commands.add_parser(
+        "compare",
+        help="train GBA, TopK, BatchTopK, JumpReLU (and weighted) SAEs on the same "
+        "tokens across an L0 range and compare them with SAEBench (JSON, MD, PNG)",
+    )
+    compare.add_argument("--out", required=True, help="output folder (resumable)")
+    compare.add_argument(
+        "--preset", default="embedded", help="embedded (default) or gemma-2-2b"
+    )
+    compare.add_argument("--size", default="default", help="default or small")
+    compare.add_argument(
+        "--methods",
+        help="comma list of gba, topk, batchtopk, jumprelu, weighted_<each>, or "
+        "'all' (default: gba,topk,batchtopk,jumprelu,weighted_gba,weighted_topk)",
+    )
+    compare.add_argument(
+        "--evals", default="core,absorption", help="comma list: core, absorption"
+    )
+    compare.add_argument(
+        "--model-path", help="local Hugging Face folder (gemma-2-2b preset)"
+    )
+    compare.add_argument(
+        "--dataset-path",
+        help="save_to_disk folder split by row into training and held-out data",
+    )
+    compare.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    compare.add_argument("--seed", type=int, default=0, help="training seed")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -236,6 +263,36 @@ def main(argv: list[str] | None = None) -> None:
         except EvalError as err:
             evaluate.error(str(err))
         print(Path(report["summary"]).read_text())
+
+    elif args.command == "compare":
+        import sys
+
+        from evals.compare import METHODS, CompareError, run_compare
+
+        methods = None
+        if args.methods:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            methods = list(METHODS) if methods == ["all"] else methods
+        try:
+            result = run_compare(
+                args.out,
+                preset=args.preset,
+                size=args.size,
+                methods=methods,
+                evals=[e.strip() for e in args.evals.split(",") if e.strip()],
+                model_path=args.model_path,
+                dataset_path=args.dataset_path,
+                device=args.device,
+                seed=args.seed,
+                command="sae-gba " + " ".join(sys.argv[1:] if argv is None else argv),
+            )
+        except CompareError as err:
+            compare.error(str(err))
+        print(result["gba_vs_topk"])
+        print(
+            f"wrote {args.out}/compare.json, compare.md, ev_vs_l0.png, "
+            "absorption_vs_l0.png"
+        )
 
     elif args.command == "bench":
         from evals.throughput import run_throughput

@@ -27,6 +27,32 @@ def tiny_model(d_model: int = 32, n_ctx: int = 16) -> HookedTransformer:
     return HookedTransformer(cfg)
 
 
+def tiny_speller() -> HookedTransformer:
+    """A tiny random bfloat16 model with the embedded Gemma-3 tokenizer (BOS on).
+
+    Absorption needs a real tokenizer (letter-only vocabulary words); the tokenizer
+    is passed in so that TransformerLens does not reload it (seconds).
+    """
+    from transformers import AutoTokenizer
+
+    from sae_gba.embedded import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(), add_bos_token=True)
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=128,
+        d_head=8,
+        n_heads=4,
+        d_vocab=len(tokenizer),
+        act_fn="relu",
+        d_mlp=64,
+        model_name="tiny-speller",
+    )
+    return HookedTransformer(cfg, tokenizer=tokenizer).to(torch.bfloat16)
+
+
 def token_dataset(n_rows: int = 400, context: int = 16, vocab: int = 64) -> Dataset:
     tokens = torch.randint(
         1, vocab, (n_rows, context), generator=torch.Generator().manual_seed(1)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import runner_dict, tiny_model, token_dataset
+from conftest import runner_dict, tiny_model, tiny_speller, token_dataset
 from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
@@ -21,7 +21,6 @@ from sae_lens import (
     TopKSAEConfig,
 )
 from sae_lens.saes.sae import SAEMetadata
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from evals.saebench import EvalError, EvalSettings, evaluate, prepare_sae, run_core
 from evals.saebench_absorption import (
@@ -171,19 +170,8 @@ def test_sae_input_space__decoder_is_linear_there(kind):
     assert sae_input_space(StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))) is None
 
 
-def test_absorption__stages_write_saebench_json(tokenizer, tmp_path):
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=128,
-        d_head=8,
-        n_heads=4,
-        d_vocab=len(tokenizer),
-        act_fn="relu",
-        d_mlp=64,
-        model_name="tiny-speller",
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer).to(torch.bfloat16)
+def test_absorption__stages_write_saebench_json(tmp_path):
+    model = tiny_speller()
     meta = _meta(hook_name="blocks.1.hook_resid_post", context_size=128)
     sae_cfg = StandardSAEConfig(
         d_in=32, d_sae=64, normalize_activations="constant_norm_rescale", metadata=meta

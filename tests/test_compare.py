@@ -1,0 +1,260 @@
+"""``sae-gba compare`` (evals/compare.py), run for real on a tiny random model.
+
+The whole pipeline runs once per module: a 2-layer random model carrying the embedded
+Gemma-3 tokenizer (absorption needs a real one), 2 methods x 2 L0 targets, SAELens's
+trainer, SAEBench's core and absorption evals (absorption gates lowered as in
+tests/test_saebench.py, since a random model cannot spell). The tests check the
+outputs, the resume, the memoised forward pass against an unmemoised one and the
+errors; the numbers themselves mean nothing on a random model.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_speller
+from datasets import Dataset
+from sae_lens import SAE
+from test_presets import VOCAB, gemma2  # noqa: F401  (gemma2 is a fixture)
+from test_saebench import FAST_ABSORPTION
+from transformer_lens import HookedTransformer
+
+from evals.compare import (
+    COMPARE_PRESETS,
+    CompareError,
+    CompareSize,
+    gba_expected_l0,
+    gba_high_target_freq,
+    harvest,
+    interpolate_log_l0,
+    matched_l0,
+    memoized_forward,
+    run_compare,
+)
+from evals.saebench import EvalSettings, prepare_sae, run_core
+from sae_gba.cli import main
+
+SIZE = CompareSize(
+    name="test",
+    d_sae=64,
+    training_tokens=2_048,
+    target_l0s=(4.0, 8.0),
+    batch_tokens=128,
+    n_recon_tokens=64,
+    absorption_words=500,
+)
+METHODS = ("gba", "topk")
+
+
+def _windows(n: int, context: int = 16, seed: int = 1) -> torch.Tensor:
+    """Random Gemma-3 token windows, BOS (id 2) first."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(300, 5_000, (n, context), generator=g)
+    tokens[:, 0] = 2
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def speller():
+    return tiny_speller()
+
+
+@pytest.fixture(scope="module")
+def compared(speller, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    held_out = Dataset.from_dict({"tokens": _windows(40, seed=2).tolist()})
+    kwargs = {
+        "size": SIZE,
+        "methods": METHODS,
+        "model": speller,
+        "train_windows": _windows(200),
+        "held_out": held_out,
+        "layer": 1,
+        "probes_dir": out / "probes",
+        "absorption_options": FAST_ABSORPTION,
+        "progress": False,
+    }
+    result = run_compare(out, **kwargs)
+    return out, result, kwargs
+
+
+def test_compare__writes_rows_report_and_plots(compared):
+    out, result, _ = compared
+    data = json.loads((out / "compare.json").read_text())
+    assert data["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = {(r["method"], r["target_l0"]): r for r in data["rows"]}
+    assert set(rows) == {(m, t) for m in METHODS for t in SIZE.target_l0s}
+    for row in rows.values():
+        assert 0 < row["l0"] <= SIZE.d_sae
+        assert row["explained_variance_legacy"] < 1
+        assert 0 < row["frac_alive"] <= 1
+        assert row["ce_loss_score"] is not None and row["kl_div_score"] is not None
+        assert row["absorption_status"] == "evaluated"
+        assert 0 <= row["mean_absorption_fraction_score"] <= 1
+        assert 0 <= row["mean_full_absorption_score"] <= 1
+        assert row["train_seconds"] > 0 and row["eval_seconds"]["core"] > 0
+        assert row["tokens"]["training"] == SIZE.training_tokens
+        assert row["tokens"]["eval_sparsity_variance"] == 40 * 16
+        assert row["tokens"]["eval_sparsity_variance_without_special"] == 40 * 15
+        assert row["tokens"]["absorption_words"] > 400
+    # TopK's L0 is at most k and grows with it; GBA's target frequency grows with L0.
+    assert rows[("topk", 4.0)]["l0"] <= 4 + 1e-6
+    assert rows[("topk", 4.0)]["l0"] < rows[("topk", 8.0)]["l0"] <= 8 + 1e-6
+    assert rows[("topk", 8.0)]["setting"] == {"k": 8}
+    htf = [rows[("gba", t)]["setting"]["high_target_freq"] for t in SIZE.target_l0s]
+    assert htf[0] < htf[1]
+    markdown = (out / "compare.md").read_text()
+    assert "| method | setting | L0 | EV legacy |" in markdown
+    assert result["gba_vs_topk"] in markdown
+    assert "TopK" in result["gba_vs_topk"]
+    for name in ("ev_vs_l0.png", "absorption_vs_l0.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["memoized_forward"]["hits"] > 0
+
+
+def test_compare__saes_are_plain_saelens_folders(compared):
+    out, _, _ = compared
+    folder = out / "saes" / "gba_L0-8"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"  # GBA exports as JumpReLU
+    assert cfg["normalize_activations"] == "constant_norm_rescale"
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["metadata"]["model_name"] == "tiny-speller"
+    sae = SAE.load_from_disk(out / "saes" / "topk_L0-4")
+    assert sae.cfg.architecture() == "topk"
+    # Trained on rescaled tokens, it takes raw ones: any scale gives the same codes.
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(sae.encode(100 * x), sae.encode(x))
+    assert sae.encode(x).count_nonzero(dim=-1).max() <= 4
+
+
+def test_compare__resumes_without_redoing_work(compared):
+    out, result, kwargs = compared
+    again = run_compare(out, **kwargs)
+    assert again["timings"]["train_s"] == 0 and again["harvest"]["skipped"]
+    assert [r["l0"] for r in again["rows"]] == [r["l0"] for r in result["rows"]]
+    assert again["memoized_forward"]["misses"] == 0  # no eval ran the model
+    other = CompareSize(**{**SIZE.__dict__, "training_tokens": 1_024})
+    with pytest.raises(CompareError, match="use another --out"):
+        run_compare(out, **{**kwargs, "size": other})
+
+
+def test_compare__gemma2_preset_reads_a_model_folder_and_splits_a_dataset(
+    gemma2,  # noqa: F811
+    tmp_path,
+):
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(4, VOCAB, (60, 16), generator=g)
+    rows[:, 0] = 2  # BOS
+    Dataset.from_dict({"tokens": rows.tolist()}).save_to_disk(tmp_path / "data")
+    # The Gemma-2-2B preset with 16-token windows, on a random 2-layer Gemma-2 of
+    # the real width (tests/test_presets.py).
+    preset = dataclasses.replace(
+        COMPARE_PRESETS["gemma-2-2b"], context_size=16, eval_context_size=16
+    )
+    size = CompareSize("tiny", d_sae=64, training_tokens=512, target_l0s=(4.0, 8.0))
+    result = run_compare(
+        tmp_path / "out",
+        preset=preset,
+        size=size,
+        methods=["gba", "topk"],
+        evals=["core"],
+        model_path=str(gemma2[0]),
+        dataset_path=str(tmp_path / "data"),
+        layer=1,
+        progress=False,
+    )
+    assert result["model"] == "google/gemma-2-2b" and result["preset"] == "gemma-2-2b"
+    assert "other 10% of rows" in result["held_out_data"]
+    for row in result["rows"]:
+        # 6 of the 60 rows are held out: 6 windows of 16 tokens.
+        assert row["tokens"]["eval_sparsity_variance"] == 6 * 16
+        assert row["l0"] > 0 and row["mean_absorption_fraction_score"] is None
+    cfg = json.loads((tmp_path / "out/saes/topk_L0-8/cfg.json").read_text())
+    assert (cfg["d_in"], cfg["metadata"]["model_name"]) == (2304, "google/gemma-2-2b")
+
+
+def test_memoized_forward__same_core_metrics_as_the_model(tmp_path):
+    model = tiny_model()
+    tokens = Dataset.from_dict({"tokens": _windows(12, seed=3).remainder(64).tolist()})
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(
+        model_name="tiny",
+        hook_name="blocks.0.hook_resid_post",
+        context_size=16,
+        prepend_bos=True,
+    )
+    sae = prepare_sae(
+        TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4, metadata=meta)), "cpu", "float32"
+    )
+    settings = EvalSettings(n_recon_tokens=32, batch_size_prompts=4)
+    plain = run_core(sae, model, tokens, tmp_path / "a", settings=settings)
+    with memoized_forward(model) as stats:
+        first = run_core(sae, model, tokens, tmp_path / "b", settings=settings)
+        second = run_core(sae, model, tokens, tmp_path / "c", settings=settings)
+    assert type(model) is HookedTransformer  # restored
+    assert stats["misses"] == 3 and stats["hits"] == 3  # one per sparsity batch
+    for result in (first, second):
+        assert result["metrics"] == plain["metrics"]
+
+
+def test_harvest__drops_special_tokens_and_stops_at_n_tokens(speller):
+    windows = _windows(10)
+    acts = harvest(speller, "blocks.0.hook_resid_post", windows, 100, 4, False)
+    assert acts.shape == (100, 32) and acts.dtype == torch.bfloat16
+    with pytest.raises(CompareError, match="holds 150 text tokens"):
+        harvest(speller, "blocks.0.hook_resid_post", windows, 151, 4, False)
+
+
+def test_gba_high_target_freq__inverts_the_expected_l0():
+    for target in (20.0, 64.0, 300.0):
+        htf = gba_high_target_freq(target, 2048)
+        assert gba_expected_l0(htf, 2048) == pytest.approx(target, rel=1e-6)
+    with pytest.raises(CompareError, match="out of GBA's reach"):
+        gba_high_target_freq(2000.0, 2048)
+
+
+def test_matched_l0__interpolates_in_log_l0_inside_the_range_only():
+    assert interpolate_log_l0([(10, 0.5), (40, 0.7)], 20) == pytest.approx(0.6)
+    assert interpolate_log_l0([(10, 0.5), (40, 0.7)], 50) is None
+    rows = [
+        {"method": "topk", "l0": 10.0, "ev": 0.5},
+        {"method": "topk", "l0": 40.0, "ev": 0.7},
+        {"method": "gba", "l0": 20.0, "ev": 0.58},
+        {"method": "gba", "l0": 80.0, "ev": 0.9},
+    ]
+    result = matched_l0(rows, "gba", "topk", "ev")
+    assert result["n_inside"] == 1 and result["reference_l0_range"] == [10.0, 40.0]
+    assert result["mean_difference"] == pytest.approx(-0.02)
+    assert result["points"][1]["difference"] is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"methods": ["gba", "relu"]}, "methods=.*must be distinct names among"),
+        ({"size": "huge"}, "size='huge' is invalid for preset 'embedded'"),
+        ({"preset": "gemma-7b"}, "preset='gemma-7b' is invalid"),
+        ({"evals": ["core", "probing"]}, "evals=.*must be among"),
+        (
+            {"size": CompareSize("x", d_sae=64, training_tokens=512, target_l0s=(70,))},
+            r"target_l0s=\(70,\) is invalid",
+        ),
+        (
+            {"size": CompareSize("x", d_sae=64, training_tokens=512, target_l0s=(60,))},
+            "out of GBA's reach",
+        ),
+    ],
+)
+def test_run_compare__bad_requests_are_named(tmp_path, kwargs, message):
+    with pytest.raises(CompareError, match=message):
+        run_compare(tmp_path, **kwargs)
+
+
+def test_cli_compare__reports_bad_methods(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--out", str(tmp_path), "--methods", "gba,relu"])
+    assert "must be distinct names among" in capsys.readouterr().err

@@ -78,3 +78,22 @@ def runner_dict(sae: dict, output_path: str, **overrides) -> dict:
         "verbose": False,
         **overrides,
     }
+
+
+def save_word_tokenizer(folder, vocab_size: int) -> None:
+    """A word-level tokenizer (w4, w5, ...) with Gemma-2's special ids 0-3, saved."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma2Config
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    ).save_pretrained(folder)

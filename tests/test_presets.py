@@ -7,10 +7,10 @@ saved with a tiny word-level tokenizer into a local folder: nothing is downloade
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_word_tokenizer
 from datasets import Dataset
 from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import SAE
@@ -40,24 +40,6 @@ SMALL = dataclasses.replace(
 )
 
 
-def _save_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma2Config
-    vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), VOCAB)})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-    ).save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def gemma2(tmp_path_factory):
     """(folder, HF model) of a random 2-layer Gemma-2 with Gemma-2-2B's width."""
@@ -70,7 +52,7 @@ def gemma2(tmp_path_factory):
     hf_model = Gemma2ForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("gemma2")
     hf_model.save_pretrained(folder)
-    _save_tokenizer(folder)
+    save_word_tokenizer(folder, VOCAB)
     return folder, hf_model
 
 

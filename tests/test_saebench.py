@@ -11,7 +11,13 @@ import json
 
 import pytest
 import torch
-from conftest import runner_dict, tiny_model, tiny_speller, token_dataset
+from conftest import (
+    runner_dict,
+    save_word_tokenizer,
+    tiny_model,
+    tiny_speller,
+    token_dataset,
+)
 from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
@@ -209,24 +215,6 @@ def test_absorption__stages_write_saebench_json(tmp_path):
     assert not (tmp_path / "sae_gba_sae_eval_results.json").exists()
 
 
-def _save_word_tokenizer(folder, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma2Config
-    vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-    ).save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def gemma2_folder(tmp_path_factory):
     """A random 2-layer, 64-wide Gemma-2 with a word-level tokenizer, saved locally."""
@@ -245,7 +233,7 @@ def gemma2_folder(tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("gemma2")
     Gemma2ForCausalLM(config).save_pretrained(folder)
-    _save_word_tokenizer(folder, 512)
+    save_word_tokenizer(folder, 512)
     return folder
 
 

@@ -13,18 +13,22 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_model(d_model: int = 32, n_ctx: int = 16) -> HookedTransformer:
+def tiny_model(
+    d_model: int = 32, n_ctx: int = 16, tokenizer=None, **cfg_fields
+) -> HookedTransformer:
+    """A random 2-layer model; with a tokenizer, its vocabulary is the tokenizer's."""
     cfg = HookedTransformerConfig(
         n_layers=2,
         d_model=d_model,
         n_ctx=n_ctx,
         d_head=8,
         n_heads=d_model // 8,
-        d_vocab=64,
+        d_vocab=64 if tokenizer is None else len(tokenizer),
         act_fn="relu",
         d_mlp=2 * d_model,
+        **cfg_fields,
     )
-    return HookedTransformer(cfg)
+    return HookedTransformer(cfg, tokenizer=tokenizer)
 
 
 def tiny_speller() -> HookedTransformer:
@@ -39,18 +43,8 @@ def tiny_speller() -> HookedTransformer:
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(), add_bos_token=True)
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=128,
-        d_head=8,
-        n_heads=4,
-        d_vocab=len(tokenizer),
-        act_fn="relu",
-        d_mlp=64,
-        model_name="tiny-speller",
-    )
-    return HookedTransformer(cfg, tokenizer=tokenizer).to(torch.bfloat16)
+    model = tiny_model(n_ctx=128, tokenizer=tokenizer, model_name="tiny-speller")
+    return model.to(torch.bfloat16)
 
 
 def token_dataset(n_rows: int = 400, context: int = 16, vocab: int = 64) -> Dataset:

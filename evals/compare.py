@@ -959,12 +959,15 @@ def evaluate_one(
         )
     if "absorption" in evals:
         dtype = str(model.cfg.dtype).removeprefix("torch.")
+        # One folder per word sample, so a resumed run with another sample recomputes.
+        words = settings.absorption_words
+        absorption_dir = out / "evals" / f"absorption_{words or 'all'}_words"
         results["absorption"] = _cached(
-            out / "evals" / "absorption" / f"{name}.json",
+            absorption_dir / f"{name}.json",
             lambda: run_absorption(
                 prepare_sae(load_sae(folder, device), device, dtype),
                 model,
-                out / "evals" / "absorption",
+                absorption_dir,
                 settings=settings,
                 sae_name=name,
                 probes_dir=probes_dir,
@@ -1376,6 +1379,11 @@ def resolve_request(
         raise CompareError(
             f"batch_tokens={size.batch_tokens} is invalid: must be in "
             f"[1, training_tokens={size.training_tokens}]"
+        )
+    if size.absorption_words is not None and size.absorption_words < 26:
+        raise CompareError(
+            f"absorption_words={size.absorption_words} is invalid: must be >= 26 (a "
+            "word per letter at least) or None for the whole vocabulary"
         )
     for method in methods:  # GBA's reach, before any model is loaded
         for target in size.target_l0s:

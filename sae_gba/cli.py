@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         "--dataset-path",
         help="save_to_disk folder split by row into training and held-out data",
     )
+    compare.add_argument(
+        "--absorption-words",
+        type=int,
+        help="absorption probe vocabulary sample, instead of the size's (0: all words)",
+    )
     compare.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     compare.add_argument("--seed", type=int, default=0, help="training seed")
     args = parser.parse_args(argv)
@@ -266,18 +271,22 @@ def main(argv: list[str] | None = None) -> None:
 
     elif args.command == "compare":
         import sys
+        from dataclasses import replace
 
-        from evals.compare import METHODS, CompareError, run_compare
+        from evals.compare import METHODS, CompareError, resolve_request, run_compare
 
         methods = None
         if args.methods:
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             methods = list(METHODS) if methods == ["all"] else methods
         try:
+            size = resolve_request(args.preset, args.size, None, ["core"])[1]
+            if args.absorption_words is not None:
+                size = replace(size, absorption_words=args.absorption_words or None)
             result = run_compare(
                 args.out,
                 preset=args.preset,
-                size=args.size,
+                size=size,
                 methods=methods,
                 evals=[e.strip() for e in args.evals.split(",") if e.strip()],
                 model_path=args.model_path,

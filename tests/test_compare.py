@@ -98,6 +98,11 @@ def test_compare__writes_rows_report_and_plots(compared):
         assert row["tokens"]["eval_sparsity_variance"] == 40 * 16
         assert row["tokens"]["eval_sparsity_variance_without_special"] == 40 * 15
         assert row["tokens"]["absorption_words"] > 400
+    # Absorption results are kept per word sample (a resume with another recomputes).
+    assert sorted(p.name for p in (out / "evals").iterdir()) == [
+        "absorption_500_words",
+        "core",
+    ]
     # TopK's L0 is at most k and grows with it; GBA's target frequency grows with L0.
     assert rows[("topk", 4.0)]["l0"] <= 4 + 1e-6
     assert rows[("topk", 4.0)]["l0"] < rows[("topk", 8.0)]["l0"] <= 8 + 1e-6
@@ -240,6 +245,10 @@ def test_matched_l0__interpolates_in_log_l0_inside_the_range_only():
         ({"preset": "gemma-7b"}, "preset='gemma-7b' is invalid"),
         ({"evals": ["core", "probing"]}, "evals=.*must be among"),
         (
+            {"size": CompareSize("x", 64, 512, (4,), absorption_words=10)},
+            "absorption_words=10 is invalid: must be >= 26",
+        ),
+        (
             {"size": CompareSize("x", d_sae=64, training_tokens=512, target_l0s=(70,))},
             r"target_l0s=\(70,\) is invalid",
         ),
@@ -258,3 +267,6 @@ def test_cli_compare__reports_bad_methods(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--out", str(tmp_path), "--methods", "gba,relu"])
     assert "must be distinct names among" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--out", str(tmp_path), "--absorption-words", "3"])
+    assert "absorption_words=3 is invalid" in capsys.readouterr().err

@@ -120,3 +120,34 @@ def adapt_biases(
     lowered = torch.clamp(bias - gamma_minus * peaks, min=BIAS_MIN)
     raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
     return torch.where(over_active, lowered, torch.where(dead, raised, bias))
+
+
+@torch.no_grad()
+def quantile_biases(
+    preacts: torch.Tensor, neuron_targets: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """Biases under which each neuron fires on its target fraction of a batch.
+
+    With ``k_m = floor(p_m * N)`` of the ``N`` rows, ``b_m`` is minus the
+    ``(k_m + 1)``-th largest unbiased pre-activation, so ``y + b_m > 0`` holds on the
+    ``k_m`` largest (ties aside); ``k_m = 0`` gives minus the maximum (no row fires).
+    Clamped to ``[BIAS_MIN, BIAS_MAX]`` like every bias.
+
+    Args:
+        preacts: (N, d_sae) unbiased pre-activations ``w . (x - b_pre)``, in units of
+            the input scale.
+        neuron_targets: (d_sae,) target frequency of each neuron.
+        chunk: neurons sorted at a time (bounds the memory of the sort).
+
+    Returns:
+        (d_sae,) biases in the dtype of ``preacts``.
+    """
+    n_rows = preacts.shape[0]
+    ranks = (neuron_targets.double() * n_rows).floor().long().clamp(0, n_rows - 1)
+    biases = torch.empty(preacts.shape[1], dtype=preacts.dtype, device=preacts.device)
+    for start in range(0, preacts.shape[1], chunk):
+        block = preacts[:, start : start + chunk]
+        top = block.topk(int(ranks[start : start + chunk].max()) + 1, dim=0).values
+        rank = ranks[start : start + chunk].to(block.device)
+        biases[start : start + chunk] = -top.gather(0, rank[None])[0]
+    return biases.clamp(BIAS_MIN, BIAS_MAX)

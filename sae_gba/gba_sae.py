@@ -42,6 +42,7 @@ from sae_gba.bias_adaptation import (
     accumulate_window,
     adapt_biases,
     group_index,
+    quantile_biases,
     target_frequencies,
 )
 from sae_gba.buffers import keep_float32
@@ -58,6 +59,7 @@ GBA_PARAMETERS = ("directions", "output_scale", "pre_bias", "gate_bias", "input_
 # Controller state kept in float32 whatever the SAE dtype, and integer counters.
 FLOAT32_STATE = ("gate_bias", "input_scale", "window_peak_preacts")
 COUNTER_STATE = ("window_fire_counts", "window_tokens", "window_steps")
+GATE_BIAS_INITS = ("zero", "target_quantile")
 
 
 @dataclass
@@ -101,6 +103,14 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
             firing region instead of competing to reconstruct. It recovers planted
             features far better (see docs/synthetic_findings.md) but reconstructs
             worse, so it is for recovery studies, not the default.
+        gate_bias_init: "zero" is the paper's ``b_m = 0``: every neuron starts
+            firing about half the time and the controller lowers its bias one step
+            per adaptation, so the firing frequency sweeps down through every value
+            above the target on the way. "target_quantile" sets each bias from the
+            first batch so that the neuron fires at its group's target from step 0
+            (a target below 1 / batch rows starts at the batch maximum, and the
+            controller takes it from there): the setting for studying one target
+            frequency, as the resonance experiment does.
     """
 
     n_groups: int = 10
@@ -112,6 +122,7 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     dead_threshold: float = 0.0
     train_pre_bias: bool = False
     train_output_scale: bool = True
+    gate_bias_init: str = "zero"
 
     @override
     @classmethod
@@ -163,6 +174,11 @@ def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
     require("gamma_plus", 0 <= cfg.gamma_plus <= 1, "must be in [0, 1]")
     require("gamma_minus", 0 <= cfg.gamma_minus <= 1, "must be in [0, 1]")
     require("dead_threshold", 0 <= cfg.dead_threshold < 1, "must be in [0, 1)")
+    require(
+        "gate_bias_init",
+        cfg.gate_bias_init in GATE_BIAS_INITS,
+        f"must be one of {GATE_BIAS_INITS}",
+    )
     require(
         "decoder_init_norm",
         cfg.decoder_init_norm is None or cfg.decoder_init_norm > 0,
@@ -462,23 +478,30 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             )
         self.input_scale.copy_(scale)
         self.pre_bias.data.copy_((mean / scale).to(self.pre_bias))
+        if self.cfg.gate_bias_init == "target_quantile":
+            preacts = (x - mean) / scale @ self._unit_directions().float().T
+            self.gate_bias.copy_(quantile_biases(preacts, self._neuron_targets()))
 
-    @torch.no_grad()
-    def adapt_biases(self) -> None:
-        """Run one bias adaptation on the current window, then start a new window."""
-        frequency = self.window_fire_counts.double() / self.window_tokens.clamp(min=1)
+    def _neuron_targets(self) -> torch.Tensor:
         cfg = self.cfg
         groups = group_index(cfg.d_sae, cfg.n_groups).to(self.gate_bias.device)
         targets = target_frequencies(
             cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq
         ).to(self.gate_bias.device)
+        return targets[groups]
+
+    @torch.no_grad()
+    def adapt_biases(self) -> None:
+        """Run one bias adaptation on the current window, then start a new window."""
+        frequency = self.window_fire_counts.double() / self.window_tokens.clamp(min=1)
+        groups = group_index(self.cfg.d_sae, self.cfg.n_groups)
         self.gate_bias.copy_(
             adapt_biases(
                 self.gate_bias,
                 frequency,
                 self.window_peak_preacts,
-                targets[groups],
-                groups,
+                self._neuron_targets(),
+                groups.to(self.gate_bias.device),
                 self.cfg.n_groups,
                 self.cfg.gamma_plus,
                 self.cfg.gamma_minus,

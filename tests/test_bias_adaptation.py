@@ -11,6 +11,7 @@ from sae_gba.bias_adaptation import (
     accumulate_window,
     adapt_biases,
     group_index,
+    quantile_biases,
     target_frequencies,
 )
 
@@ -104,3 +105,18 @@ def test_adapt_biases__group_targets_differ_per_neuron():
     # same frequency 0.05: over-active for the 0.01 group, in band for the 0.1 group
     new = _adapt([-0.1, -0.1], [0.05, 0.05], [0.5, 0.5], [0.1, 0.01], [0, 1], 2)
     assert new.tolist() == pytest.approx([-0.1, -0.1 - 0.2 * 0.5])
+
+
+def test_quantile_biases__fire_on_the_target_fraction_clamped():
+    # Columns: a ramp, a ramp above the clamp, all negative.
+    preacts = torch.tensor(
+        [[0.4, 3.0, -0.1], [0.3, 2.5, -0.2], [0.2, 2.0, -0.3], [0.1, 1.5, -0.4]]
+    )
+    # k = floor(p * 4) rows fire: 2, 1, 2 -> minus the 3rd, 2nd, 3rd largest.
+    biases = quantile_biases(preacts, torch.tensor([0.5, 0.25, 0.5]), chunk=2)
+    assert biases.tolist() == pytest.approx([-0.2, BIAS_MIN, BIAS_MAX])
+    assert ((preacts[:, 0] + biases[0]) > 0).sum() == 2
+    # Below one row in the batch: minus the maximum, nothing fires yet.
+    assert quantile_biases(preacts[:, :1], torch.tensor([0.1])).item() == pytest.approx(
+        -0.4
+    )

@@ -94,6 +94,21 @@ def test_pre_bias__fixed_at_the_data_mean_unless_trained():
     assert not torch.allclose(trained.b_dec, first_batch.mean(0), atol=1e-3)
 
 
+def test_gate_bias_init__target_quantile_fires_each_group_at_its_target():
+    x = _synthetic(4096)
+    cfg = {"d_in": 16, "d_sae": 300, "n_groups": 3, "high_target_freq": 0.5}
+    cfg["low_target_freq"] = 0.02
+    zero = GBATrainingSAE(GBATrainingSAEConfig(**cfg))
+    zero.training_forward_pass(_step_input(x[:2048]))
+    assert torch.equal(zero.gate_bias, torch.zeros(300))
+    sae = GBATrainingSAE(GBATrainingSAEConfig(**cfg, gate_bias_init="target_quantile"))
+    sae.training_forward_pass(_step_input(x[:2048]))
+    # Fresh rows from the same data: each group fires near 0.5, 0.1, 0.02.
+    fired = (sae.encode(x[2048:]) > 0).float().mean(0)
+    groups = fired.reshape(3, 100).mean(1)
+    assert groups.tolist() == pytest.approx([0.5, 0.1, 0.02], rel=0.15)
+
+
 def test_adaptation_runs_every_interval_on_the_window_since_the_last():
     sae = GBATrainingSAE(
         GBATrainingSAEConfig(d_in=16, d_sae=32, n_groups=2, adaptation_interval=3)
@@ -339,6 +354,7 @@ def test_registration_is_idempotent():
         ("gamma_plus", -0.1, "[0, 1]"),
         ("gamma_minus", -0.01, "[0, 1]"),
         ("dead_threshold", 1.0, "[0, 1)"),
+        ("gate_bias_init", "random", "one of ('zero', 'target_quantile')"),
         ("decoder_init_norm", 0.0, "> 0"),
         ("apply_b_dec_to_input", False, "must be True"),
         ("normalize_activations", "covariance_whitening", "not supported"),

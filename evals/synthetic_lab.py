@@ -154,15 +154,27 @@ def _row(name: str, spec: RunSpec, results: list[dict[str, Any]]) -> dict[str, A
 
 
 def _rows(
-    named_specs: list[tuple[str, RunSpec]], seeds: int, workers: int
+    named_specs: list[tuple[str, RunSpec]],
+    seeds: int,
+    workers: int,
+    probe_every: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per ``(name, spec)``, each over ``seeds`` seeds, all runs in parallel."""
+    """One row per ``(name, spec)``, each over ``seeds`` seeds, all runs in parallel;
+    with ``probe_every``, a row also has its seed-mean ``frr@0.9_by_step``."""
     runs = [seeded(spec, seed) for _, spec in named_specs for seed in range(seeds)]
-    results = run_all(runs, workers)
-    return [
-        _row(name, spec, results[i * seeds : (i + 1) * seeds])
-        for i, (name, spec) in enumerate(named_specs)
-    ]
+    results = run_all(runs, workers, probe_every)
+    rows = []
+    for i, (name, spec) in enumerate(named_specs):
+        seeded_results = results[i * seeds : (i + 1) * seeds]
+        row = _row(name, spec, seeded_results)
+        if probe_every:
+            by_step = zip(*(r["trajectory"] for r in seeded_results), strict=True)
+            row["frr@0.9_by_step"] = [
+                [records[0]["step"], statistics.fmean(r["frr@0.9"] for r in records)]
+                for records in by_step
+            ]
+        rows.append(row)
+    return rows
 
 
 def _settings(base: RunSpec) -> dict[str, Any]:
@@ -234,16 +246,21 @@ def chance_recovery(
 def resonance(
     seeds: int = 1,
     base: RunSpec | None = None,
-    dims: tuple[int, ...] = (12, 42),
+    dims: tuple[int, ...] = (12, 16, 42),
     ratios: tuple[float, ...] = tuple(2.0**e for e in range(-4, 4)),
     workers: int = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
-    """BA with its target p swept around the feature frequency f, for d < / > sqrt(n).
+    """BA with its target p swept around the feature frequency f, for d below, at
+    and above sqrt(n).
 
-    BA runs in the theory's regime (output scale frozen at its small initial value),
-    the regime the resonance statement is about. The default data (n = 256, s = 3,
-    width 1,024, 3,000 steps) put d = 12 below sqrt(n) = 16 while keeping the chance
-    floor at tau = 0.9 low; every cell also records the firing frequency reached.
+    BA runs in the theory's regime: output scale frozen at its small initial value,
+    and each bias set from the first batch so that the neuron fires at p from step 0
+    (``gate_bias_init="target_quantile"``). From the paper's zero bias every neuron
+    would start at p = 0.5 and the controller would sweep it down through every value
+    above the target, so a cell would not measure its own p. The default data
+    (n = 256, s = 3, width 1,024, 3,000 steps) keep the chance floor at tau = 0.9
+    low; every cell records the firing frequency reached and FRR@0.9 every 300
+    steps, and every d its peak and band (:func:`resonance_band`).
 
     Args:
         seeds: seeds per cell.
@@ -253,15 +270,15 @@ def resonance(
         workers: parallel training processes.
 
     Returns:
-        ``{"experiment": "resonance", "cells": [{"d", "p_over_f", "frr@0.8", ...}]}``.
+        ``{"experiment": "resonance", "cells": [{"d", "p_over_f", "frr@0.8", ...}],
+        "bands": {d: ...}}``.
     """
     base = base or RunSpec(
         method="ba",
         data=uniform_preset(sparsity=3, n_features=256),
         width=1024,
         steps=3000,
-        # 300 adaptations: at 50-step windows (60) the controller had only brought
-        # the firing frequency from 0.5 to 0.09 for every target below that.
+        # Adapting every 10 steps keeps each neuron near its p as its direction moves.
         gba={"adaptation_interval": 10},
     )
     grid, specs = [], []
@@ -270,15 +287,21 @@ def resonance(
         f = feature_frequency(data)
         for ratio in ratios:
             target = min(0.5, ratio * f)
-            gba = {**base.gba, "high_target_freq": target, "train_output_scale": False}
-            grid.append({"d": d, "p_over_f": ratio, "p": target})
+            gba = {
+                **base.gba,
+                "high_target_freq": target,
+                "train_output_scale": False,
+                "gate_bias_init": "target_quantile",
+            }
+            grid.append({"d": d, "p_over_f": ratio, "p": target, "f": f})
             specs.append(("ba", base.with_(method="ba", data=data, gba=gba)))
-    rows = _rows(specs, seeds, workers)
+    rows = _rows(specs, seeds, workers, probe_every=max(1, base.steps // 10))
+    keys = ("frr@0.8", "frr@0.9", "frr@0.9_per_seed", "frr@0.9_by_step")
     cells = [
         {
             **cell,
-            **{key: row[key] for key in ("frr@0.8", "frr@0.9", "frr@0.9_per_seed")},
-            "achieved_p": row["l0"] / base.width,
+            **{key: row[key] for key in keys},
+            "achieved_p_over_f": row["l0"] / base.width / cell["f"],
         }
         for cell, row in zip(grid, rows, strict=True)
     ]
@@ -287,12 +310,55 @@ def resonance(
         "experiment": "resonance",
         "n_features": n_features,
         "sqrt_n": math.sqrt(n_features),
+        "seeds": seeds,
         "cells": cells,
+        "bands": {
+            str(d): resonance_band([c for c in cells if c["d"] == d]) for d in dims
+        },
         "chance": {
             str(d): chance_recovery(replace(base.data, d=d), base.width) for d in dims
         },
         "settings": _settings(base),
     }
+
+
+BAND_FRR = 0.5
+
+
+def resonance_band(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where one d's recovery peaks over p / f, and the band around the peak.
+
+    The band is the run of consecutive swept ratios, containing the peak, whose
+    FRR@0.9 is at least :data:`BAND_FRR`; its width is in decades of p.
+
+    Args:
+        cells: one d's cells, each with ``p_over_f`` and ``frr@0.9``.
+
+    Returns:
+        ``{"peak_p_over_f", "peak_frr@0.9", "band_p_over_f": [low, high] | None,
+        "band_decades"}``; the band reaching the first or last ratio means it may
+        extend beyond the sweep.
+    """
+    cells = sorted(cells, key=lambda c: c["p_over_f"])
+    frr = [c["frr@0.9"] for c in cells]
+    peak = max(range(len(cells)), key=frr.__getitem__)
+    summary: dict[str, Any] = {
+        "peak_p_over_f": cells[peak]["p_over_f"],
+        "peak_frr@0.9": frr[peak],
+        "band_p_over_f": None,
+        "band_decades": 0.0,
+    }
+    if frr[peak] < BAND_FRR:
+        return summary
+    low = high = peak
+    while low > 0 and frr[low - 1] >= BAND_FRR:
+        low -= 1
+    while high < len(cells) - 1 and frr[high + 1] >= BAND_FRR:
+        high += 1
+    ratios = cells[low]["p_over_f"], cells[high]["p_over_f"]
+    summary["band_p_over_f"] = list(ratios)
+    summary["band_decades"] = math.log10(ratios[1] / ratios[0])
+    return summary
 
 
 def consistency(
@@ -598,4 +664,10 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-__all__ = ["EXPERIMENTS", "ablation_variants", "run_experiment", "seeded"]
+__all__ = [
+    "EXPERIMENTS",
+    "ablation_variants",
+    "resonance_band",
+    "run_experiment",
+    "seeded",
+]

@@ -56,12 +56,19 @@ def _resonance(ax: Any, result: dict[str, Any]) -> None:
     ax.set_xticks(range(len(ratios)))
     ax.set_xticklabels([f"{r:g}" for r in ratios])
     ax.set_yticks(range(len(dims)))
-    side = {d: "<" if d < result["sqrt_n"] else ">" for d in dims}
+    sqrt_n = result["sqrt_n"]
+    side = {d: "<" if d < sqrt_n else ">" if d > sqrt_n else "=" for d in dims}
     chance = result.get("chance", {})
+    bands = result.get("bands", {})
     ax.set_yticklabels(
         [
             f"d={d} ({side[d]} sqrt n)"
             + (f"\nchance {chance[str(d)]['frr@0.9']:.2f}" if str(d) in chance else "")
+            + (
+                f"\nband {bands[str(d)]['band_decades']:.1f} dec"
+                if str(d) in bands
+                else ""
+            )
             for d in dims
         ]
     )

@@ -8,7 +8,7 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
-from evals.synthetic_lab import run_experiment
+from evals.synthetic_lab import resonance_band, run_experiment
 from evals.synthetic_methods import (
     INIT_SEED_OFFSET,
     RunSpec,
@@ -135,6 +135,34 @@ def test_imbalanced_json_schema(tmp_path) -> None:
         30,
         50,
     ]
+
+
+def test_resonance_band__peak_and_the_run_above_half_around_it() -> None:
+    frr = {1 / 16: 0.6, 1 / 4: 0.3, 1 / 2: 0.7, 1.0: 0.9, 2.0: 0.5, 4.0: 0.1}
+    cells = [{"p_over_f": r, "frr@0.9": v} for r, v in reversed(frr.items())]
+    band = resonance_band(cells)
+    # 1/16 is above half too, but 1/4 breaks the run.
+    assert band["peak_p_over_f"] == 1.0 and band["peak_frr@0.9"] == 0.9
+    assert band["band_p_over_f"] == [0.5, 2.0]
+    assert band["band_decades"] == pytest.approx(0.60206)
+    flat = resonance_band([{"p_over_f": r, "frr@0.9": 0.2} for r in (1.0, 2.0)])
+    assert flat["band_p_over_f"] is None and flat["band_decades"] == 0.0
+
+
+def test_resonance_json_has_cells_trajectories_and_bands(tmp_path) -> None:
+    out = tmp_path / "resonance.json"
+    base = RunSpec(method="ba", data=uniform_preset(sparsity=3, n_features=16))
+    base = base.with_(width=32, steps=20, batch_size=64)
+    run_experiment(
+        "resonance", out, base=base, dims=(3, 6), ratios=(0.5, 2.0), workers=1
+    )
+    result = json.loads(out.read_text())
+    assert result["sqrt_n"] == 4.0 and set(result["bands"]) == {"3", "6"}
+    assert len(result["cells"]) == 4
+    for cell in result["cells"]:
+        assert [step for step, _ in cell["frr@0.9_by_step"]] == list(range(0, 20, 2))
+        assert cell["achieved_p_over_f"] > 0
+    assert out.with_suffix(".png").is_file()
 
 
 def test_bad_experiment_name_raises(tmp_path) -> None:

@@ -541,6 +541,7 @@ def ablation_variants(base: RunSpec) -> list[tuple[str, RunSpec]]:
         ("htf=0.1", gba(high_target_freq=0.1)),
         ("ltf=1e-3", gba(low_target_freq=1e-3)),
         ("adaptation_interval=10", gba(adaptation_interval=10)),
+        ("gate_bias_init=target_quantile", gba(gate_bias_init="target_quantile")),
         ("per-sample norm", base.with_(normalize_activations="constant_norm_rescale")),
         (
             "coefficients=constant",

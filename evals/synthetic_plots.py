@@ -51,8 +51,9 @@ def _resonance(ax: Any, result: dict[str, Any]) -> None:
     for i, d in enumerate(dims):
         for j, r in enumerate(ratios):
             cell = cell_at[d, r]
+            colour = "k" if cell["frr@0.9"] > 0.6 else "w"  # readable on viridis
             ax.text(j, i, f"{cell['frr@0.8']:.2f}\n{cell['frr@0.9']:.2f}",
-                    ha="center", va="center", fontsize=7, color="w")  # fmt: skip
+                    ha="center", va="center", fontsize=7, color=colour)  # fmt: skip
     ax.set_xticks(range(len(ratios)))
     ax.set_xticklabels([f"{r:g}" for r in ratios])
     ax.set_yticks(range(len(dims)))

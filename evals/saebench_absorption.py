@@ -108,12 +108,15 @@ def first_letter_words(
 def sae_input_space(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The SAE's per-token input normalisation as a pure function (None if it has none).
 
-    SAEBench's absorption compares latent activations times decoder directions with
-    probe projections of the raw activation, which assumes the decoder maps latents
-    linearly into the activation space. With SAELens's run-time normalisation
-    (``constant_norm_rescale``, ``layer_norm``) it maps into the normalised space, so
-    the probed activations are normalised first; the SAE's own normalisation is then
-    the identity on them.
+    SAEBench's absorption calculator compares latent activations times decoder
+    directions with probe projections of the raw activation, which assumes the decoder
+    maps latents linearly into the activation space. With SAELens's run-time
+    normalisation (``constant_norm_rescale``, ``layer_norm``) it maps into the
+    normalised space, so the calculator's activations are normalised first; the SAE's
+    own normalisation is then the identity on them. The ground-truth probe and the
+    k-sparse probes keep SAEBench's raw activations (the SAE normalises what it
+    encodes): a probe trained on per-token normalised activations of Gemma-3-270M
+    layer 9 passed the F1 gate for 11 letters where the raw one passed 18 (4,000 words).
     """
     kind = sae.cfg.normalize_activations
     if kind == "constant_norm_rescale":
@@ -157,7 +160,7 @@ def stop_after_layer(
 
 
 def _probe_dir(
-    model: HookedTransformer, layer: int, words: list[str], config: Any, space: str
+    model: HookedTransformer, layer: int, words: list[str], config: Any
 ) -> Path:
     from sae_gba.embedded import cache_dir
 
@@ -173,7 +176,6 @@ def _probe_dir(
             config.prompt_template,
             config.prompt_token_pos,
             config.random_seed,
-            space,
             saebench_version(),
             words,
         ]
@@ -249,28 +251,30 @@ def run_absorption(
     config.precalc_k_sparse_probe_sae_acts = precalc
     transform = sae_input_space(sae)
     space = sae.cfg.normalize_activations if transform else "raw"
-    probes_dir = Path(probes_dir or _probe_dir(model, layer, words, config, space))
+    probes_dir = Path(probes_dir or _probe_dir(model, layer, words, config))
     out_dir, name = Path(out_dir), f"{RELEASE}_{sae_name}"
     cached = (
         probes_dir / model.cfg.model_name / f"layer_{layer}" / "probe.pth"
     ).exists()
     timings: dict[str, float] = {}
     _seed_everything(settings.seed)
-    with torch.enable_grad(), stop_after_layer(model, layer, transform):
+    with torch.enable_grad():
         start = time.perf_counter()
-        if not cached:
-            _train_ground_truth_probe(model, layer, words, config, probes_dir)
-        timings["ground_truth_probe_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        k_sparse = _k_sparse_probing(model, sae, name, config, out_dir, probes_dir)
+        with stop_after_layer(model, layer):
+            if not cached:
+                _train_ground_truth_probe(model, layer, words, config, probes_dir)
+            timings["ground_truth_probe_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            k_sparse = _k_sparse_probing(model, sae, name, config, out_dir, probes_dir)
         timings["k_sparse_probing_s"] = time.perf_counter() - start
         passing = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
         raw = None
         if passing >= config.min_feats_for_eval:
             start = time.perf_counter()
-            raw = _feature_absorption(
-                model, sae, name, config, words, out_dir, probes_dir
-            )
+            with stop_after_layer(model, layer, transform):
+                raw = _feature_absorption(
+                    model, sae, name, config, words, out_dir, probes_dir
+                )
             timings["feature_absorption_s"] = time.perf_counter() - start
     prompt_tokens = len(model.to_tokens(_example_prompt(words, config))[0])
     info: dict[str, Any] = {

@@ -9,6 +9,7 @@ JSON, not the numbers. The CLI test reads a random Gemma-2 folder through
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -205,6 +206,10 @@ def test_absorption__stages_write_saebench_json(tmp_path):
     )
     assert (tmp_path / "sae_gba_sae_k_sparse_probing.json").is_file()
     assert result["metrics"]["mean"] == mean
+    # The ground-truth probe learns from SAEBench's raw activations, not normalised ones.
+    probe_data = np.load(next((tmp_path / "probes").rglob("data.npz")))
+    norms = np.linalg.norm(probe_data["X_train"], axis=1)
+    assert not np.allclose(norms, sae.cfg.d_in**0.5, rtol=1e-2)
 
     # SAEBench's own gate (a random model cannot spell); the probe is reused.
     (tmp_path / "sae_gba_sae_eval_results.json").unlink()

@@ -265,12 +265,15 @@ def run_absorption(
                 _train_ground_truth_probe(model, layer, words, config, probes_dir)
             timings["ground_truth_probe_s"] = time.perf_counter() - start
             start = time.perf_counter()
+            # The same random draws for every SAE, whether or not a probe was trained.
+            _seed_everything(settings.seed)
             k_sparse = _k_sparse_probing(model, sae, name, config, out_dir, probes_dir)
         timings["k_sparse_probing_s"] = time.perf_counter() - start
         passing = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
         raw = None
         if passing >= config.min_feats_for_eval:
             start = time.perf_counter()
+            _seed_everything(settings.seed)
             with stop_after_layer(model, layer, transform):
                 raw = _feature_absorption(
                     model, sae, name, config, words, out_dir, probes_dir

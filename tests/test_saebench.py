@@ -219,6 +219,11 @@ def test_absorption__stages_write_saebench_json(tmp_path):
     assert gated["tokens"]["ground_truth_probe_cached"]
     assert not (tmp_path / "sae_gba_sae_eval_results.json").exists()
 
+    # With the probe cached, the same in-context examples and so the same scores.
+    again = run_absorption(sae, model, tmp_path, **options, **FAST_ABSORPTION)
+    assert again["tokens"]["ground_truth_probe_cached"]
+    assert again["metrics"] == result["metrics"]
+
 
 @pytest.fixture(scope="module")
 def gemma2_folder(tmp_path_factory):

@@ -67,6 +67,35 @@ def accumulate_window(
 
 
 @torch.no_grad()
+def closed_windows(
+    fire_counts: torch.Tensor,
+    window_tokens: torch.Tensor,
+    neuron_targets: torch.Tensor,
+    min_firings: int,
+) -> torch.Tensor:
+    """Which neurons' windows hold enough evidence to be judged.
+
+    A window closes once its neuron fired ``min_firings`` times (then its frequency is
+    measured to about ``1 / sqrt(min_firings)``) or once ``min_firings`` firings were
+    expected at its target (then "fired less than the target", and "never fired",
+    mean something). A high target closes within a few batches; a target of 1e-4
+    with ``min_firings = 20`` waits for 200,000 tokens. ``min_firings = 0`` closes
+    every window at every check: the paper's fixed windows.
+
+    Args:
+        fire_counts: (d_sae,) firings of each neuron in its window.
+        window_tokens: (d_sae,) or () tokens in each neuron's window.
+        neuron_targets: (d_sae,) target frequency of each neuron.
+        min_firings: the evidence a window needs, in (expected) firings.
+
+    Returns:
+        (d_sae,) bool mask of the neurons to judge now.
+    """
+    expected = neuron_targets.to(torch.float64) * window_tokens
+    return (fire_counts >= min_firings) | (expected >= min_firings)
+
+
+@torch.no_grad()
 def adapt_biases(
     bias: torch.Tensor,
     firing_frequency: torch.Tensor,

@@ -41,6 +41,7 @@ from typing_extensions import override
 from sae_gba.bias_adaptation import (
     accumulate_window,
     adapt_biases,
+    closed_windows,
     group_index,
     quantile_biases,
     target_frequencies,
@@ -83,8 +84,15 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
         n_groups: number of neuron groups K, each with its own target frequency.
         high_target_freq: target firing frequency of the first group (HTF).
         low_target_freq: target of the last group (LTF); geometric in between.
-        adaptation_interval: training steps between bias adaptations; the firing
-            statistics cover the steps since the previous adaptation.
+        adaptation_interval: training steps between bias-adaptation checks. At each
+            check every neuron whose window is closed (see ``min_window_firings``)
+            is adapted and starts a new window; the others keep accumulating.
+        min_window_firings: the evidence a neuron's window needs before it is
+            judged: it closes once the neuron fired this many times or this many
+            firings were expected at its group's target. High targets then adapt at
+            every check while a 1e-4 target waits for 20 / 1e-4 = 200,000 tokens
+            instead of being judged on a window where it expects no firing at all.
+            0 judges every neuron at every check (the paper's fixed windows).
         gamma_plus: step size for raising the bias of dead neurons, in units of
             their group's mean positive peak pre-activation.
         gamma_minus: step size for lowering the bias of over-active neurons, in
@@ -117,6 +125,7 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     high_target_freq: float = 0.5
     low_target_freq: float = 1e-4
     adaptation_interval: int = 50
+    min_window_firings: int = 20
     gamma_plus: float = 0.01
     gamma_minus: float = 0.01
     dead_threshold: float = 0.0
@@ -171,6 +180,7 @@ def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
         f"must be < high_target_freq={cfg.high_target_freq} when n_groups > 1",
     )
     require("adaptation_interval", cfg.adaptation_interval >= 1, "must be >= 1")
+    require("min_window_firings", cfg.min_window_firings >= 0, "must be >= 0")
     require("gamma_plus", 0 <= cfg.gamma_plus <= 1, "must be in [0, 1]")
     require("gamma_minus", 0 <= cfg.gamma_minus <= 1, "must be in [0, 1]")
     require("dead_threshold", 0 <= cfg.dead_threshold < 1, "must be in [0, 1)")
@@ -341,8 +351,10 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
                 (cfg.d_sae,), -torch.inf, dtype=torch.float32, device=self.device
             ),
         )
+        # Per neuron: a window closes when its own evidence suffices.
         self.register_buffer(
-            "window_tokens", torch.zeros((), dtype=torch.int64, device=self.device)
+            "window_tokens",
+            torch.zeros(cfg.d_sae, dtype=torch.int64, device=self.device),
         )
         self.register_buffer(
             "window_steps", torch.zeros((), dtype=torch.int64, device=self.device)
@@ -492,25 +504,31 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
 
     @torch.no_grad()
     def adapt_biases(self) -> None:
-        """Run one bias adaptation on the current window, then start a new window."""
+        """Adapt every neuron whose window is closed, and start new windows for them."""
+        targets = self._neuron_targets()
+        closed = closed_windows(
+            self.window_fire_counts,
+            self.window_tokens,
+            targets,
+            self.cfg.min_window_firings,
+        )
         frequency = self.window_fire_counts.double() / self.window_tokens.clamp(min=1)
         groups = group_index(self.cfg.d_sae, self.cfg.n_groups)
-        self.gate_bias.copy_(
-            adapt_biases(
-                self.gate_bias,
-                frequency,
-                self.window_peak_preacts,
-                self._neuron_targets(),
-                groups.to(self.gate_bias.device),
-                self.cfg.n_groups,
-                self.cfg.gamma_plus,
-                self.cfg.gamma_minus,
-                self.cfg.dead_threshold,
-            )
+        adapted = adapt_biases(
+            self.gate_bias,
+            frequency,
+            self.window_peak_preacts,
+            targets,
+            groups.to(self.gate_bias.device),
+            self.cfg.n_groups,
+            self.cfg.gamma_plus,
+            self.cfg.gamma_minus,
+            self.cfg.dead_threshold,
         )
-        self.window_fire_counts.zero_()
-        self.window_peak_preacts.fill_(-torch.inf)
-        self.window_tokens.zero_()
+        self.gate_bias.copy_(torch.where(closed, adapted, self.gate_bias))
+        self.window_fire_counts.masked_fill_(closed, 0)
+        self.window_peak_preacts.masked_fill_(closed, -torch.inf)
+        self.window_tokens.masked_fill_(closed, 0)
         self.window_steps.zero_()
 
     @override
@@ -538,6 +556,10 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         for name in COUNTER_STATE:
             if name in state_dict:
                 state_dict[name] = state_dict[name].round().to(torch.int64)
+        # Checkpoints from before per-neuron windows hold one shared token count.
+        tokens = state_dict.get("window_tokens")
+        if tokens is not None and tokens.ndim == 0:
+            state_dict["window_tokens"] = tokens.expand(self.cfg.d_sae).clone()
         for name in FLOAT32_STATE:
             if name in state_dict:
                 state_dict[name] = state_dict[name].float()

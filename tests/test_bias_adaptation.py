@@ -10,6 +10,7 @@ from sae_gba.bias_adaptation import (
     BIAS_MIN,
     accumulate_window,
     adapt_biases,
+    closed_windows,
     group_index,
     quantile_biases,
     target_frequencies,
@@ -120,3 +121,47 @@ def test_quantile_biases__fire_on_the_target_fraction_clamped():
     assert quantile_biases(preacts[:, :1], torch.tensor([0.1])).item() == pytest.approx(
         -0.4
     )
+
+
+def test_closed_windows__enough_firings_or_enough_expected_firings():
+    # Targets 0.5, 0.5, 1e-4, 1e-4, 1e-4 with 20 firings needed:
+    # - 0.5 at 100 tokens expects 50: closed whatever it fired (even 0: dead);
+    # - 0.5 at 30 tokens expects 15 and fired 19: still open;
+    # - 1e-4 at 100 tokens expects 0.01: open at 3 firings, closed at 20 (it is
+    #   over-active beyond doubt), open at 0 (no evidence it is dead);
+    # - 1e-4 at 200,000 tokens expects 20: closed even with no firing.
+    counts = torch.tensor([0, 19, 3, 20, 0])
+    tokens = torch.tensor([100, 30, 100, 100, 200_000])
+    targets = torch.tensor([0.5, 0.5, 1e-4, 1e-4, 1e-4], dtype=torch.float64)
+    closed = closed_windows(counts, tokens, targets, min_firings=20)
+    assert closed.tolist() == [True, False, False, True, True]
+
+
+def test_closed_windows__zero_evidence_is_the_papers_fixed_windows():
+    counts = torch.tensor([0, 5])
+    closed = closed_windows(counts, torch.tensor(7), torch.tensor([1e-4, 0.5]), 0)
+    assert closed.tolist() == [True, True]
+
+
+def test_closed_windows__low_target_accumulates_while_high_adapts():
+    """The controller loop on hand-made counts: a 1e-3 group fires at its target
+    (1 per 1,000 tokens), a 0.2 group too; 500 tokens a check, 20 firings needed.
+    The high group is judged at every check; the low group after 40 checks
+    (20,000 tokens), with its frequency then measured on all of them."""
+    targets = torch.tensor([0.2, 1e-3], dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.int64)
+    tokens = torch.zeros(2, dtype=torch.int64)
+    judged: list[list[int]] = [[], []]
+    for check in range(1, 81):
+        tokens += 500
+        counts += torch.tensor([100, 1 if check % 2 == 0 else 0])
+        closed = closed_windows(counts, tokens, targets, min_firings=20)
+        for neuron in closed.nonzero().flatten().tolist():
+            judged[neuron].append(check)
+            assert counts[neuron] / tokens[neuron] == pytest.approx(
+                targets[neuron].item()
+            )
+        counts[closed] = 0
+        tokens[closed] = 0
+    assert judged[0] == list(range(1, 81))
+    assert judged[1] == [40, 80]

@@ -109,20 +109,32 @@ def test_gate_bias_init__target_quantile_fires_each_group_at_its_target():
     assert groups.tolist() == pytest.approx([0.5, 0.1, 0.02], rel=0.15)
 
 
-def test_adaptation_runs_every_interval_on_the_window_since_the_last():
+def test_adaptation_checks_every_interval_and_judges_only_closed_windows():
+    # Targets 0.5 and 1e-3: at 192 tokens the first group expects 96 firings (its
+    # windows close), the second 0.19 (its windows stay open unless a neuron fired
+    # 20 times).
     sae = GBATrainingSAE(
-        GBATrainingSAEConfig(d_in=16, d_sae=32, n_groups=2, adaptation_interval=3)
+        GBATrainingSAEConfig(
+            d_in=16, d_sae=32, n_groups=2, adaptation_interval=3, low_target_freq=1e-3
+        )
     )
+    with torch.no_grad():
+        sae.gate_bias[16:24] = -1.0  # silent: open windows, nothing to judge yet
     x = _synthetic(64)
     for step in range(3):
         sae.training_forward_pass(_step_input(x, step))
-    assert sae.window_steps.item() == 3 and sae.window_tokens.item() == 192
+    assert sae.window_steps.item() == 3
+    assert torch.equal(sae.window_tokens, torch.full((32,), 192))
+    counts = sae.window_fire_counts.clone()
     before = sae.gate_bias.clone()
-    sae.training_forward_pass(
-        _step_input(x, 3)
-    )  # adapts first, then starts a new window
-    assert sae.window_steps.item() == 1 and sae.window_tokens.item() == 64
-    assert not torch.equal(before, sae.gate_bias)
+    sae.training_forward_pass(_step_input(x, 3))  # adapts first, then counts
+    closed = torch.arange(32) < 16
+    closed |= counts >= 20
+    assert sae.window_steps.item() == 1
+    assert torch.equal(sae.window_tokens, torch.where(closed, 64, 256))
+    assert not closed[16:24].any() and closed[24:].all()
+    assert torch.equal(sae.gate_bias[~closed], before[~closed])
+    assert not torch.equal(sae.gate_bias[closed], before[closed])
 
 
 def test_export__plain_jumprelu_with_identical_outputs(tmp_path):

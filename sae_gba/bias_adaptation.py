@@ -5,7 +5,11 @@ in units of the input scale (see ``gba_sae``), so the clamp ``[BIAS_MIN, BIAS_MA
 means "from off for any input to always on for positive projections" at any scale.
 """
 
+from typing import Literal
+
 import torch
+
+StepUnit = Literal["margin", "scale"]
 
 BIAS_MIN = -1.0
 BIAS_MAX = 0.0
@@ -106,6 +110,7 @@ def adapt_biases(
     gamma_plus: float,
     gamma_minus: float,
     dead_threshold: float = 0.0,
+    step_unit: StepUnit = "margin",
 ) -> torch.Tensor:
     """One bias-adaptation step (the paper's rule), returning the new biases.
 
@@ -113,6 +118,14 @@ def adapt_biases(
     - dead (``p_m <= dead_threshold``): ``b_m <- min(b_m + gamma_plus * s_k, BIAS_MAX)``
       with ``s_k`` the mean of the positive peaks in the neuron's group;
     - otherwise unchanged.
+
+    ``r_m`` is the neuron's peak: with ``step_unit="margin"`` (the paper) the peak of
+    ``y = u + b``, its margin over the gate, which shrinks as the bias nears minus
+    the largest projection, so each step closes only ``gamma_minus`` of the
+    remaining gap and a low target takes hundreds of adaptations to reach; with
+    ``"scale"`` the peak of the unbiased projection ``u = y - b``, the neuron's own
+    scale, so the bias moves by a fixed fraction of it per adaptation until the
+    target is met.
 
     A group with no positive peak falls back to the mean positive peak of all
     neurons, and to 1 (the input scale) when nothing fired at all, so a fully dead
@@ -128,10 +141,13 @@ def adapt_biases(
         gamma_plus: step size for raising dead neurons.
         gamma_minus: step size for lowering over-active neurons.
         dead_threshold: frequencies at or below this count as dead.
+        step_unit: what ``r_m`` measures, "margin" or "scale" (see above).
 
     Returns:
         (d_sae,) new biases, clamped to ``[BIAS_MIN, BIAS_MAX]`` by the steps.
     """
+    if step_unit == "scale":
+        peak_preacts = peak_preacts - bias.to(peak_preacts)
     positive = peak_preacts > 0
     peaks = torch.where(positive, peak_preacts, torch.zeros_like(peak_preacts))
     group_sum = torch.zeros(n_groups, dtype=peaks.dtype, device=peaks.device)

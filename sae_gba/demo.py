@@ -102,11 +102,14 @@ def group_report(
     high: float,
     low: float,
     window_tokens: int,
+    min_window_firings: int = 0,
 ) -> list[dict[str, Any]]:
     """Median firing frequency of each group against its target.
 
-    A group is judged when its target is at least 10 / window_tokens: below that a
-    window sees fewer than 10 expected firings and the controller cannot resolve it.
+    A group's windows span at least ``window_tokens`` tokens (one check interval)
+    and, with evidence windows, ``min_window_firings / target`` tokens. A group is
+    judged when its windows see at least 10 expected firings: below that the
+    controller cannot resolve its target.
     """
     targets = target_frequencies(n_groups, high, low)
     groups = group_index(frequencies.shape[0], n_groups)
@@ -119,7 +122,7 @@ def group_report(
                 "target": target,
                 "median_frequency": median,
                 "ratio": median / target,
-                "judged": target >= 10 / window_tokens,
+                "judged": max(target * window_tokens, min_window_firings) >= 10,
                 "within_factor_2": 0.5 <= median / target <= 2.0,
             }
         )
@@ -193,6 +196,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         gba.high_target_freq,
         gba.low_target_freq,
         window_tokens,
+        gba.min_window_firings,
     )
     plot_frequencies(
         frequencies,

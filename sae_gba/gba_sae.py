@@ -41,6 +41,7 @@ from typing_extensions import override
 from sae_gba.bias_adaptation import (
     accumulate_window,
     adapt_biases,
+    StepUnit,
     closed_windows,
     group_index,
     quantile_biases,
@@ -97,6 +98,11 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
             their group's mean positive peak pre-activation.
         gamma_minus: step size for lowering the bias of over-active neurons, in
             units of their own peak pre-activation.
+        bias_step_unit: the unit of an over-active neuron's bias step: "margin",
+            the paper's peak of ``y`` (its margin over the gate, which vanishes as
+            the target nears, so low targets are approached geometrically, 1% of
+            the gap per adaptation), or "scale", the peak of the unbiased
+            projection (a fixed fraction of the neuron's own range per step).
         dead_threshold: a neuron whose window firing frequency is at or below this
             is dead (0: did not fire in the window).
         train_pre_bias: train ``b_pre`` with Adam. Off by default: ``b_pre`` stays at
@@ -129,6 +135,7 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     gamma_plus: float = 0.01
     gamma_minus: float = 0.01
     dead_threshold: float = 0.0
+    bias_step_unit: StepUnit = "scale"
     train_pre_bias: bool = False
     train_output_scale: bool = True
     gate_bias_init: str = "zero"
@@ -184,6 +191,11 @@ def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
     require("gamma_plus", 0 <= cfg.gamma_plus <= 1, "must be in [0, 1]")
     require("gamma_minus", 0 <= cfg.gamma_minus <= 1, "must be in [0, 1]")
     require("dead_threshold", 0 <= cfg.dead_threshold < 1, "must be in [0, 1)")
+    require(
+        "bias_step_unit",
+        cfg.bias_step_unit in ("margin", "scale"),
+        "must be 'margin' or 'scale'",
+    )
     require(
         "gate_bias_init",
         cfg.gate_bias_init in GATE_BIAS_INITS,
@@ -524,6 +536,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             self.cfg.gamma_plus,
             self.cfg.gamma_minus,
             self.cfg.dead_threshold,
+            self.cfg.bias_step_unit,
         )
         self.gate_bias.copy_(torch.where(closed, adapted, self.gate_bias))
         self.window_fire_counts.masked_fill_(closed, 0)

@@ -165,3 +165,21 @@ def test_closed_windows__low_target_accumulates_while_high_adapts():
         tokens[closed] = 0
     assert judged[0] == list(range(1, 81))
     assert judged[1] == [40, 80]
+
+
+def test_adapt_biases__scale_step_uses_the_unbiased_peak():
+    # y peaks at 0.05 with b = -0.8: the paper's margin step is 0.2 * 0.05 = 0.01,
+    # the scale step 0.2 * (0.05 + 0.8) = 0.17. A dead neuron is raised by the
+    # group mean of unbiased peaks: (0.85 + 0.3) / 2 = 0.575 (times 0.1).
+    args = (
+        torch.tensor([-0.8, -0.5]),
+        torch.tensor([0.5, 0.0], dtype=torch.float64),
+        torch.tensor([0.05, -0.2]),
+        torch.tensor([0.1, 0.1], dtype=torch.float64),
+        torch.tensor([0, 0]),
+        1,
+    )
+    margin = adapt_biases(*args, gamma_plus=0.1, gamma_minus=0.2)
+    scale = adapt_biases(*args, gamma_plus=0.1, gamma_minus=0.2, step_unit="scale")
+    assert margin.tolist() == pytest.approx([-0.81, -0.495])
+    assert scale.tolist() == pytest.approx([-0.97, -0.5 + 0.0575])

@@ -29,7 +29,6 @@ sparsity-aware backward; same values and gradients); ``SAE_GBA_FAST_STEP=0``, an
 activation hook or autocast selects plain autograd on the formula instead.
 """
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +56,7 @@ from sae_gba.bias_adaptation import (
 )
 from sae_gba.buffers import keep_float32
 from sae_gba.fast_step import fast_step_enabled, fused_forward
-from sae_gba.metrics import window_metrics
+from sae_gba.metrics import logged_lazily, summarize_window
 
 # Adaptation state: saved with training checkpoints, dropped from exported SAEs.
 WINDOW_BUFFERS = (
@@ -515,10 +514,10 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         return running, self.window_tokens
 
     def window_metrics(self) -> dict[str, float]:
-        """``metrics.window_metrics`` on the last window (names in the README table)."""
+        """``metrics.summarize_window`` on the last window (README's table of names)."""
         cfg = self.cfg
         frequency, tokens = self.window_frequency()
-        metrics = window_metrics(
+        metrics = summarize_window(
             frequency,
             target_frequencies(cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq),
             group_index(cfg.d_sae, cfg.n_groups),
@@ -529,15 +528,10 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         return {**metrics, "gba/window_tokens": float(tokens)}
 
     def _logged_metrics(self) -> dict[str, Callable[[], float]]:
-        # SAELens evaluates these lambdas only on the steps it logs; all of them
-        # share one computation.
-        values = functools.cache(self.window_metrics)
+        # The names depend on the config only: computed once, at the first step.
         if not hasattr(self, "_metric_names"):
-            self._metric_names = tuple(values())
-        return {
-            name: functools.partial(_lookup, values, name)
-            for name in self._metric_names
-        }
+            self._metric_names = tuple(self.window_metrics())
+        return logged_lazily(self.window_metrics, self._metric_names)
 
     def _fused_step_applies(self, processed_in: torch.Tensor) -> bool:
         # The fused step bypasses the activation hook points: fall back when a hook is
@@ -673,10 +667,6 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         sae = SAE.from_dict(cfg.to_dict())
         sae.load_state_dict(self._jumprelu_state_dict())
         return sae
-
-
-def _lookup(values: Callable[[], dict[str, float]], name: str) -> float:
-    return values()[name]
 
 
 def _check_finite(sae_in: torch.Tensor, step: int) -> None:

@@ -1,11 +1,15 @@
 """The training metrics GBA reports through SAELens's logger (pure torch, no SAELens).
 
-``window_metrics`` summarises one adaptation window: per frequency group, the firing
+``summarize_window`` summarises one adaptation window: per frequency group, the firing
 frequencies against the group's target, the gate biases, dead and dense counts; and
 overall, the window's L0, the fraction of latents that fired and the output scales.
-``GBATrainingSAE`` calls it from the lambdas it puts in ``TrainStepOutput.metrics``,
-so it runs only on the steps SAELens logs; README "What a GBA run logs" lists the names.
+``GBATrainingSAE`` hands it to SAELens through ``logged_lazily``'s lambdas in
+``TrainStepOutput.metrics``, so it runs only on the steps SAELens logs. README "What a
+GBA run logs" lists the names.
 """
+
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -17,7 +21,7 @@ DENSE_FREQUENCY = 0.1
 
 
 @torch.no_grad()
-def window_metrics(
+def summarize_window(
     frequency: torch.Tensor,
     group_targets: torch.Tensor,
     neuron_groups: torch.Tensor,
@@ -89,3 +93,23 @@ def window_metrics(
         }
     flat = torch.stack([v.to(torch.float64) for v in values.values()]).tolist()
     return dict(zip(values, flat, strict=True))
+
+
+def logged_lazily(
+    compute: Callable[[], dict[str, float]], names: Iterable[str]
+) -> dict[str, Callable[[], float]]:
+    """One lambda per name for ``TrainStepOutput.metrics``, all sharing one ``compute``.
+
+    SAELens calls metric lambdas only when it logs a step; the first call runs
+    ``compute`` and the others reuse its result.
+
+    Args:
+        compute: returns every metric at once.
+        names: the names ``compute`` returns.
+    """
+    values = functools.cache(compute)
+    return {name: functools.partial(_lookup, values, name) for name in names}
+
+
+def _lookup(values: Callable[[], dict[str, float]], name: str) -> float:
+    return values()[name]

@@ -12,7 +12,7 @@ from sae_lens.saes.sae import TrainStepInput
 
 from sae_gba import GBATrainingSAE, GBATrainingSAEConfig
 from sae_gba.bias_adaptation import group_index, target_frequencies
-from sae_gba.metrics import DENSE_FREQUENCY
+from sae_gba.metrics import DENSE_FREQUENCY, summarize_window
 from sae_gba.synthetic import SyntheticFeatureModel, uniform_preset
 from sae_gba.training import TensorDataProvider, make_trainer
 from sae_gba.weighted import WEIGHTED_CLASSES
@@ -222,3 +222,34 @@ def test_wandb_offline__metrics_reach_the_run_files(tmp_path, monkeypatch):
     for k, target in enumerate(targets):
         assert rows[-1][f"metrics/gba/group_{k}/target_freq"] == pytest.approx(target)
     assert len({row["metrics/gba/mean_gate_bias"] for row in rows}) > 1
+
+
+def test_summarize_window__by_hand():
+    metrics = summarize_window(
+        frequency=torch.tensor([0.0, 0.05, 0.2, 0.6, 0.0]),
+        group_targets=torch.tensor([0.5, 0.01], dtype=torch.float64),
+        neuron_groups=torch.tensor([0, 0, 1, 1, 1]),
+        gate_bias=torch.tensor([-0.1, -0.3, -0.2, 0.0, -0.4]),
+        dead_threshold=0.0,
+    )
+    expected = {
+        "gba/group_0/median_freq": 0.025,
+        "gba/group_0/mean_freq": 0.025,
+        "gba/group_0/median_over_target": 0.05,
+        "gba/group_0/gate_bias_mean": -0.2,
+        "gba/group_0/dead": 1,
+        "gba/group_0/dense": 0,
+        "gba/group_1/median_freq": 0.2,
+        "gba/group_1/median_over_target": 20,
+        "gba/group_1/gate_bias_min": -0.4,
+        "gba/group_1/gate_bias_max": 0.0,
+        "gba/group_1/dead": 1,
+        "gba/group_1/dense": 2,
+        "gba/l0": 0.85,
+        "gba/fired_fraction": 0.6,
+        "gba/dead": 2,
+        "gba/dense": 2,
+    }
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    assert not any("output_scale" in name for name in metrics)

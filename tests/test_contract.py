@@ -171,14 +171,20 @@ def test_fold_W_dec_norm__unit_decoder_features_times_norms_same_outputs(
     _close(folded.decode(folded_features), sae.decode(features))
 
 
-@pytest.mark.parametrize("fold", ["activation_norm", "W_dec_norm"])
+# The last: SAELens's trainer folds the activation norm, then a loader or SAEBench
+# folds the decoder norms.
+FOLDS = [["activation_norm"], ["W_dec_norm"], ["activation_norm", "W_dec_norm"]]
+
+
+@pytest.mark.parametrize("folds", FOLDS, ids="+".join)
 @pytest.mark.parametrize("architecture", TRAINING_ARCHITECTURES)
 @torch.no_grad()
-def test_folds__match_saelens_own_architecture_folded_the_same_way(architecture, fold):
+def test_folds__match_saelens_own_architecture_folded_the_same_way(architecture, folds):
     sae = _build(architecture)
     reference = _reference(sae)
-    _fold(sae, fold)
-    _fold(reference, fold)
+    for fold in folds:
+        _fold(sae, fold)
+        _fold(reference, fold)
     x = _inputs()
     _close(sae.encode(x), reference.encode(x))
     _close(sae(x), reference(x))

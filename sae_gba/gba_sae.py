@@ -3,9 +3,9 @@
 Forward, with unit-norm tied directions ``w_m``, output scales ``a_m`` and an input
 scale ``c`` fixed from the first training batch:
 
-    u_m = w_m . (x - b_pre)                 (raw units; exported as hidden_pre)
-    y_m = u_m / c + b_m                     (bias b_m in units of c: scale free)
-    z_m = u_m * 1[y_m > 0]                  (JumpReLU: the bias only gates)
+    v_m = w_m . (x - b_pre)                 (raw units)
+    y_m = v_m / c + b_m                     (bias b_m in units of c: scale free)
+    z_m = e_m v_m * 1[y_m > 0]              (JumpReLU: the bias only gates)
     x_hat = sum_m a_m w_m z_m + b_pre
 
 The loss is ``0.5 * |x_hat - x|^2 / c^2`` with no sparsity penalty. Adam trains
@@ -14,13 +14,22 @@ the first batch's mean); the biases are buffers steered by bias adaptation
 (``bias_adaptation.adapt_biases``) every ``adaptation_interval`` steps. Because
 every trained quantity is in units of ``c``, multiplying the inputs by any constant
 changes nothing but ``c``. The exported SAE is SAELens's ``jumprelu``:
-``W_enc = w.T, b_enc = 0, threshold = -c * b, W_dec = a * w, b_dec = b_pre``.
+``W_enc = e * w.T, b_enc = 0, threshold = -c * e * b, W_dec = a * w, b_dec = b_pre``.
+
+The encoder scales ``e_m`` are 1 while training; SAELens's folds set them as they set
+a JumpReLU SAE's ``W_enc``. ``fold_activation_norm_scaling_factor(s)`` (SAELens's
+trainer calls it at the end of a run with ``expected_average_only_in``) makes
+``c -> c/s, e -> s*e, a -> a/s``: on raw inputs the feature activations stay what
+they were on scaled ones and the outputs come out in raw units. ``fold_W_dec_norm``
+makes ``e -> |a| * e, a -> a/|a|``: unit-norm decoder rows, feature activations
+times the old decoder norms, the same outputs.
 
 Training steps run through ``fast_step`` (one autograd op with a hand-written,
 sparsity-aware backward; same values and gradients); ``SAE_GBA_FAST_STEP=0``, an
 activation hook or autocast selects plain autograd on the formula instead.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +48,9 @@ from torch import nn
 from typing_extensions import override
 
 from sae_gba.bias_adaptation import (
+    StepUnit,
     accumulate_window,
     adapt_biases,
-    StepUnit,
     closed_windows,
     group_index,
     quantile_biases,
@@ -49,6 +58,7 @@ from sae_gba.bias_adaptation import (
 )
 from sae_gba.buffers import keep_float32
 from sae_gba.fast_step import fast_step_enabled, fused_forward
+from sae_gba.metrics import logged_lazily, summarize_window
 
 # Adaptation state: saved with training checkpoints, dropped from exported SAEs.
 WINDOW_BUFFERS = (
@@ -56,11 +66,31 @@ WINDOW_BUFFERS = (
     "window_peak_preacts",
     "window_tokens",
     "window_steps",
+    # Each neuron's last completed window, for the logged metrics.
+    "last_window_fire_counts",
+    "last_window_tokens",
 )
-GBA_PARAMETERS = ("directions", "output_scale", "pre_bias", "gate_bias", "input_scale")
+GBA_PARAMETERS = (
+    "directions",
+    "output_scale",
+    "pre_bias",
+    "gate_bias",
+    "input_scale",
+    "encoder_scale",
+)
 # Controller state kept in float32 whatever the SAE dtype, and integer counters.
-FLOAT32_STATE = ("gate_bias", "input_scale", "window_peak_preacts")
-COUNTER_STATE = ("window_fire_counts", "window_tokens", "window_steps")
+FLOAT32_STATE = (
+    "gate_bias",
+    "input_scale",
+    "window_peak_preacts",
+)
+COUNTER_STATE = (
+    "window_fire_counts",
+    "window_tokens",
+    "window_steps",
+    "last_window_fire_counts",
+    "last_window_tokens",
+)
 GATE_BIAS_INITS = ("zero", "target_quantile")
 
 
@@ -228,6 +258,7 @@ class _GBAForward:
     pre_bias: nn.Parameter
     gate_bias: torch.Tensor
     input_scale: torch.Tensor
+    encoder_scale: torch.Tensor
 
     def _init_gba_weights(self, output_scale_init: float) -> None:
         d_sae, d_in = self.cfg.d_sae, self.cfg.d_in
@@ -250,6 +281,10 @@ class _GBAForward:
         self.register_buffer(  # type: ignore[attr-defined]
             "input_scale", torch.zeros((), dtype=torch.float32, device=device)
         )
+        # 1 until a fold sets it (see the module docstring).
+        self.register_buffer(  # type: ignore[attr-defined]
+            "encoder_scale", torch.ones(d_sae, dtype=dtype, device=device)
+        )
 
     def _unit_directions(self) -> torch.Tensor:
         # Normalising in the graph makes the gradient tangent to the sphere.
@@ -257,7 +292,7 @@ class _GBAForward:
 
     @property
     def W_enc(self) -> torch.Tensor:
-        return self._unit_directions().T
+        return self._unit_directions().T * self.encoder_scale
 
     @property
     def W_dec(self) -> torch.Tensor:
@@ -269,13 +304,13 @@ class _GBAForward:
 
     @property
     def threshold(self) -> torch.Tensor:
-        """JumpReLU threshold on ``u`` in raw units."""
-        return -self.gate_bias * self.input_scale
+        """JumpReLU threshold on ``hidden_pre = e * v``."""
+        return -self.gate_bias * self.input_scale * self.encoder_scale
 
     def encode_with_hidden_pre(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (feature_acts, hidden_pre) with ``hidden_pre = u`` in raw units."""
+        """Return (feature_acts, hidden_pre) with ``hidden_pre = e * v``."""
         return self._encode_processed(self._process_in(x))
 
     def _encode_processed(
@@ -297,11 +332,46 @@ class _GBAForward:
         sae_in = self.hook_sae_input(sae_in)  # type: ignore[attr-defined]
         return self.run_time_activation_norm_fn_in(sae_in)  # type: ignore[attr-defined]
 
+    @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
-        raise NotImplementedError(
-            "fold_W_dec_norm is not defined for GBA: its directions are unit norm by "
-            "construction and the output scale is the decoder norm"
-        )
+        """Move the decoder norms ``|a_m|`` into the encoder scales, as SAELens does.
+
+        ``W_dec`` rows become unit norm, ``W_enc`` columns and the threshold grow by
+        the old norms (SAELens's JumpReLU fold), so feature activations scale by them
+        and outputs stay the same.
+        """
+        norms = self.get_W_dec_norm()  # type: ignore[attr-defined]
+        self.output_scale.data /= norms
+        self.encoder_scale *= norms
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """Take raw inputs where the SAE was trained on inputs times ``scaling_factor``.
+
+        As SAELens's folds: ``W_enc`` times the factor, ``W_dec`` and ``b_dec`` divided
+        by it, the threshold unchanged; feature activations on raw inputs equal those
+        on scaled inputs before the fold.
+
+        Args:
+            scaling_factor: the factor SAELens's activation scaler multiplied inputs by.
+        """
+        self.input_scale /= scaling_factor
+        self.encoder_scale *= scaling_factor
+        self.output_scale.data /= scaling_factor
+        self.cfg.normalize_activations = "none"
+
+    def _add_missing_state(self, state_dict: dict[str, Any]) -> None:
+        # Checkpoints written before these buffers existed: encoder scales of 1 are
+        # what they computed with, and no adaptation window has completed.
+        defaults = {
+            "encoder_scale": ("output_scale", torch.ones_like),
+            "last_window_fire_counts": ("window_fire_counts", torch.zeros_like),
+            "last_window_tokens": ("window_fire_counts", torch.zeros_like),
+        }
+        own = self._buffers  # type: ignore[attr-defined]
+        for name, (like, fill) in defaults.items():
+            if name in own and name not in state_dict and like in state_dict:
+                state_dict[name] = fill(state_dict[like])
 
     def _jumprelu_state_dict(self) -> dict[str, torch.Tensor]:
         """The exact JumpReLU form of this SAE (plain SAELens loads it)."""
@@ -339,6 +409,7 @@ class GBASAE(_GBAForward, SAE[GBASAEConfig]):
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         for name in WINDOW_BUFFERS:
             state_dict.pop(name, None)
+        self._add_missing_state(state_dict)
 
 
 class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
@@ -348,6 +419,8 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     window_peak_preacts: torch.Tensor
     window_tokens: torch.Tensor
     window_steps: torch.Tensor
+    last_window_fire_counts: torch.Tensor
+    last_window_tokens: torch.Tensor
 
     def __init__(self, cfg: GBATrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -370,6 +443,14 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         )
         self.register_buffer(
             "window_steps", torch.zeros((), dtype=torch.int64, device=self.device)
+        )
+        self.register_buffer(
+            "last_window_fire_counts",
+            torch.zeros(cfg.d_sae, dtype=torch.int64, device=self.device),
+        )
+        self.register_buffer(
+            "last_window_tokens",
+            torch.zeros(cfg.d_sae, dtype=torch.int64, device=self.device),
         )
 
     @override
@@ -401,6 +482,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
         _check_finite(sae_in, step_input.n_training_steps)
+        self._check_unfolded()
         self._before_step(sae_in)
 
         # The loss lives where the SAE works: after SAELens's run-time normalisation
@@ -431,8 +513,51 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             hidden_pre=hidden_pre,
             loss=mse_loss,
             losses={"mse_loss": mse_loss},
-            metrics={"gba/mean_gate_bias": lambda: self.gate_bias.mean()},
+            metrics=self._logged_metrics(),
         )
+
+    def _check_unfolded(self) -> None:
+        if not bool((self.encoder_scale == 1).all()):
+            raise ValueError(
+                "cannot train a GBA SAE whose scales were folded for inference "
+                "(encoder_scale != 1 after fold_activation_norm_scaling_factor or "
+                "fold_W_dec_norm); resume from a checkpoint saved before the fold"
+            )
+
+    def window_frequency(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each latent's firing frequency in its last completed adaptation window.
+
+        Before a latent's first window closes its running window stands in.
+
+        Returns:
+            (frequency (d_sae,), each latent's window token count (d_sae,)).
+        """
+        done = self.last_window_tokens > 0
+        counts = torch.where(
+            done, self.last_window_fire_counts, self.window_fire_counts
+        )
+        tokens = torch.where(done, self.last_window_tokens, self.window_tokens)
+        return counts.double() / tokens.clamp(min=1), tokens
+
+    def window_metrics(self) -> dict[str, float]:
+        """``metrics.summarize_window`` on the last window (README's table of names)."""
+        cfg = self.cfg
+        frequency, tokens = self.window_frequency()
+        metrics = summarize_window(
+            frequency,
+            target_frequencies(cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq),
+            group_index(cfg.d_sae, cfg.n_groups),
+            self.gate_bias,
+            cfg.dead_threshold,
+            self.output_scale if cfg.train_output_scale else None,
+        )
+        return {**metrics, "gba/window_tokens": tokens.double().median().item()}
+
+    def _logged_metrics(self) -> dict[str, Callable[[], float]]:
+        # The names depend on the config only: computed once, at the first step.
+        if not hasattr(self, "_metric_names"):
+            self._metric_names = tuple(self.window_metrics())
+        return logged_lazily(self.window_metrics, self._metric_names)
 
     def _fused_step_applies(self, processed_in: torch.Tensor) -> bool:
         # The fused step bypasses the activation hook points: fall back when a hook is
@@ -539,17 +664,16 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             self.cfg.bias_step_unit,
         )
         self.gate_bias.copy_(torch.where(closed, adapted, self.gate_bias))
+        self.last_window_fire_counts.copy_(
+            torch.where(closed, self.window_fire_counts, self.last_window_fire_counts)
+        )
+        self.last_window_tokens.copy_(
+            torch.where(closed, self.window_tokens, self.last_window_tokens)
+        )
         self.window_fire_counts.masked_fill_(closed, 0)
         self.window_peak_preacts.masked_fill_(closed, -torch.inf)
         self.window_tokens.masked_fill_(closed, 0)
         self.window_steps.zero_()
-
-    @override
-    @torch.no_grad()
-    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        # Everything trained is in units of the input scale: only the scale moves.
-        self.input_scale /= scaling_factor
-        self.cfg.normalize_activations = "none"
 
     @override
     def fold_activation_whitening(self, *args: Any, **kwargs: Any) -> None:
@@ -565,6 +689,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        self._add_missing_state(state_dict)
         # SAELens's disk loader casts every tensor to cfg.dtype; counters are integers.
         for name in COUNTER_STATE:
             if name in state_dict:

@@ -44,7 +44,13 @@ from sae_lens.saes.jumprelu_sae import (
     JumpReLUTrainingSAE,
     JumpReLUTrainingSAEConfig,
 )
-from sae_lens.saes.sae import SAEConfig, TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.sae import (
+    SAEConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
 from sae_lens.saes.standard_sae import (
     StandardSAEConfig,
     StandardTrainingSAE,
@@ -345,6 +351,17 @@ class WeightedTrainingMixin(_TrainingBase):
                     f"({total} rows): {err}"
                 ) from err
             self._set_weights(weights, ESTIMATED, normalize=False)
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        # Lambdas: SAELens evaluates them only on the steps it logs.
+        output.metrics |= {
+            "wsae/weights_fixed": lambda: int(int(self.input_weights_state) != PENDING),
+            "wsae/gamma_min": lambda: self.input_weights.min(),
+            "wsae/gamma_max": lambda: self.input_weights.max(),
+        }
+        return output
 
     @override
     def _apply(self, *args: Any, **kwargs: Any) -> Any:

@@ -33,7 +33,7 @@ knob: TopK and BatchTopK ``k = target``; JumpReLU SAELens's ``quadratic`` L0 los
 (Gemma Scope 2's penalty ``2 / t * (L0 - t)^2``) with ``target_l0 = target`` and the
 straight-through gradient reaching the encoder (``jumprelu_ste_to_input``; without it
 the L0 stayed near 1,100 of 2,048 in the pilot: the thresholds alone move by about
-``lr`` per step); GBA ``high_target_freq`` solved so that the group targets' expected
+``lr`` per step); GBA ``target_l0`` set so that the group targets' expected
 L0 (group size times target frequency, summed; ``low_target_freq`` and ``n_groups``
 stay at the paper's 1e-4 and 10) is ``target / gba_l0_ratio``. The L0 that counts is
 always the one measured on held-out tokens (BatchTopK's exported threshold, for one,
@@ -114,6 +114,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.saebench import EvalSettings, prepare_sae, run_core
+from sae_gba.bias_adaptation import high_target_for_l0
 
 if TYPE_CHECKING:
     import datasets
@@ -309,52 +310,6 @@ COMPARE_PRESETS = {
 # ------------------------------------------------------------------ sparsity settings
 
 
-def gba_expected_l0(
-    high_target_freq: float, d_sae: int, n_groups: int = 10, low: float = 1e-4
-) -> float:
-    """Sum over GBA's latents of their group's target frequency (the L0 it aims at).
-
-    Args:
-        high_target_freq: the first group's target.
-        d_sae: number of latents.
-        n_groups: number of groups.
-        low: the last group's target.
-    """
-    from sae_gba.bias_adaptation import group_index, target_frequencies
-
-    sizes = torch.bincount(group_index(d_sae, n_groups), minlength=n_groups)
-    targets = target_frequencies(n_groups, high_target_freq, low)
-    return float((sizes.double() * targets).sum())
-
-
-def gba_high_target_freq(
-    l0: float, d_sae: int, n_groups: int = 10, low: float = 1e-4
-) -> float:
-    """The ``high_target_freq`` whose expected L0 (:func:`gba_expected_l0`) is ``l0``.
-
-    Args:
-        l0: the expected L0 wanted.
-        d_sae: number of latents.
-        n_groups: number of groups.
-        low: the last group's target (the paper's 1e-4).
-    """
-    lo, hi = low * 1.0001, 0.999
-    reachable = (gba_expected_l0(lo, d_sae, n_groups, low), gba_expected_l0(hi, d_sae))
-    if not reachable[0] < l0 < reachable[1]:
-        raise CompareError(
-            f"target L0 {l0:g} is out of GBA's reach with d_sae={d_sae}, "
-            f"{n_groups} groups and low_target_freq={low:g}: must lie in "
-            f"({reachable[0]:.3g}, {reachable[1]:.3g})"
-        )
-    for _ in range(100):  # bisection in log space: the expected L0 rises with it
-        mid = math.sqrt(lo * hi)
-        if gba_expected_l0(mid, d_sae, n_groups, low) < l0:
-            lo = mid
-        else:
-            hi = mid
-    return math.sqrt(lo * hi)
-
-
 def sparsity_setting(
     method: str, target_l0: float, size: CompareSize
 ) -> dict[str, Any]:
@@ -377,8 +332,12 @@ def sparsity_setting(
         }
     if base == "gba":
         expected = target_l0 / size.gba_l0_ratio
+        try:
+            high_target_for_l0(expected, size.d_sae, 10, 1e-4)
+        except ValueError as err:
+            raise CompareError(f"GBA at L0 {target_l0:g}: {err}") from None
         return {
-            "high_target_freq": gba_high_target_freq(expected, size.d_sae),
+            "target_l0": expected,
             "adaptation_interval": size.adaptation_interval,
             "decoder_init_norm": size.gba_output_scale_init,
         }

@@ -5,6 +5,7 @@ in units of the input scale (see ``gba_sae``), so the clamp ``[BIAS_MIN, BIAS_MA
 means "from off for any input to always on for positive projections" at any scale.
 """
 
+import math
 from typing import Literal
 
 import torch
@@ -196,3 +197,59 @@ def quantile_biases(
         rank = ranks[start : start + chunk].to(block.device)
         biases[start : start + chunk] = -top.gather(0, rank[None])[0]
     return biases.clamp(BIAS_MIN, BIAS_MAX)
+
+
+def expected_l0(d_sae: int, n_groups: int, high: float, low: float) -> float:
+    """The L0 the targets aim at: the sum over neurons of their group's target.
+
+    Args:
+        d_sae: number of neurons.
+        n_groups: number of groups.
+        high: the first group's target.
+        low: the last group's target.
+    """
+    sizes = torch.bincount(group_index(d_sae, n_groups), minlength=n_groups)
+    return float((sizes.double() * target_frequencies(n_groups, high, low)).sum())
+
+
+def high_target_for_l0(
+    l0: float, d_sae: int, n_groups: int, low: float, highest: float = 0.999
+) -> float:
+    """The first group's target whose :func:`expected_l0` is ``l0``.
+
+    Bisection in log space (the expected L0 rises with the first target).
+
+    Args:
+        l0: the expected L0 wanted.
+        d_sae: number of neurons.
+        n_groups: number of groups.
+        low: the last group's target (kept).
+        highest: the largest first target allowed.
+
+    Raises:
+        ValueError: ``l0`` is out of reach with first targets in ``(low, highest]``.
+    """
+    if n_groups == 1:
+        if not 0 < l0 <= d_sae * highest:
+            raise ValueError(
+                f"target L0 {l0:g} is out of reach with d_sae={d_sae} and one group: "
+                f"must lie in (0, {d_sae * highest:.3g}]"
+            )
+        return l0 / d_sae
+    lo, hi = low * (1 + 1e-9), highest
+    reach = (
+        expected_l0(d_sae, n_groups, lo, low),
+        expected_l0(d_sae, n_groups, hi, low),
+    )
+    if not reach[0] < l0 <= reach[1]:
+        raise ValueError(
+            f"target L0 {l0:g} is out of reach with d_sae={d_sae}, {n_groups} groups "
+            f"and low_target_freq={low:g}: must lie in ({reach[0]:.3g}, {reach[1]:.3g}]"
+        )
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        if expected_l0(d_sae, n_groups, mid, low) < l0:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)

@@ -52,13 +52,37 @@ from sae_gba.bias_adaptation import (
     accumulate_window,
     adapt_biases,
     closed_windows,
+    expected_l0,
     group_index,
+    high_target_for_l0,
     quantile_biases,
     target_frequencies,
 )
 from sae_gba.buffers import keep_float32
 from sae_gba.fast_step import fast_step_enabled, fused_forward
 from sae_gba.metrics import logged_lazily, summarize_window
+
+# The default target L0 per input dimension (``GBATrainingSAEConfig.target_l0``).
+L0_PER_D_IN = 1 / 8
+# The largest first-group target the default derives: the paper's HTF.
+HIGHEST_TARGET = 0.5
+# The paper's literal recipe: fixed targets 0.5 to 1e-4, fixed 50-step windows, bias
+# steps by the margin over the gate, trained output scales, zero bias start.
+PAPER_RECIPE: dict[str, Any] = {
+    "n_groups": 10,
+    "high_target_freq": 0.5,
+    "low_target_freq": 1e-4,
+    "adaptation_interval": 50,
+    "min_window_firings": 0,
+    "gamma_plus": 0.01,
+    "gamma_minus": 0.01,
+    "dead_threshold": 0.0,
+    "bias_step_unit": "margin",
+    "train_pre_bias": False,
+    "train_output_scale": True,
+    "gate_bias_init": "zero",
+    "decoder_init_norm": 0.1,
+}
 
 # Adaptation state: saved with training checkpoints, dropped from exported SAEs.
 WINDOW_BUFFERS = (
@@ -113,7 +137,14 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
 
     Args:
         n_groups: number of neuron groups K, each with its own target frequency.
-        high_target_freq: target firing frequency of the first group (HTF).
+        high_target_freq: target firing frequency of the first group (HTF). None
+            (the default) derives it from ``target_l0``: the targets are fitted to
+            a sparsity, not fixed at the paper's 0.5.
+        target_l0: the L0 the targets aim at (the sum of every neuron's target),
+            which sets ``high_target_freq`` with ``low_target_freq`` kept: GBA's
+            counterpart of TopK's ``k``. None (the default) takes
+            ``d_in * L0_PER_D_IN`` (``d_in / 8``), capped to what first targets
+            in ``(low_target_freq, 0.5]`` reach. Set at most one of the two.
         low_target_freq: target of the last group (LTF); geometric in between.
         adaptation_interval: training steps between bias-adaptation checks. At each
             check every neuron whose window is closed (see ``min_window_firings``)
@@ -158,7 +189,8 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     """
 
     n_groups: int = 10
-    high_target_freq: float = 0.5
+    high_target_freq: float | None = None
+    target_l0: float | None = None
     low_target_freq: float = 1e-4
     adaptation_interval: int = 50
     min_window_firings: int = 20
@@ -180,6 +212,7 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
         return JumpReLUSAEConfig
 
     def __post_init__(self) -> None:
+        _resolve_high_target_freq(self)
         _validate_gba_config(self)
         super().__post_init__()
 
@@ -196,6 +229,39 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
         ).tolist()
 
 
+def _resolve_high_target_freq(cfg: GBATrainingSAEConfig) -> None:
+    """Set ``high_target_freq`` from ``target_l0`` (or the ``d_in`` rule) when None."""
+    if cfg.high_target_freq is not None:
+        if cfg.target_l0 is not None:
+            raise ValueError(
+                f"GBATrainingSAEConfig.target_l0={cfg.target_l0!r} is invalid: set "
+                f"either target_l0 or high_target_freq={cfg.high_target_freq!r}, "
+                "not both"
+            )
+        return
+    valid = cfg.d_in >= 1 and cfg.d_sae >= 1 and 1 <= cfg.n_groups <= cfg.d_sae
+    if not valid or not 0 < cfg.low_target_freq < HIGHEST_TARGET:
+        return  # _validate_gba_config names the bad field
+    if cfg.target_l0 is not None:
+        try:
+            cfg.high_target_freq = high_target_for_l0(
+                cfg.target_l0, cfg.d_sae, cfg.n_groups, cfg.low_target_freq
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"GBATrainingSAEConfig.target_l0 is invalid: {err}"
+            ) from None
+        cfg.target_l0 = None
+        return
+    low, high = cfg.low_target_freq, HIGHEST_TARGET
+    reach = (
+        expected_l0(cfg.d_sae, cfg.n_groups, low * 1.01, low),
+        expected_l0(cfg.d_sae, cfg.n_groups, high, low),
+    )
+    l0 = min(max(cfg.d_in * L0_PER_D_IN, reach[0]), reach[1])
+    cfg.high_target_freq = high_target_for_l0(l0, cfg.d_sae, cfg.n_groups, low, high)
+
+
 def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
     def require(name: str, ok: bool, allowed: str) -> None:
         if not ok:
@@ -209,8 +275,14 @@ def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
     require(
         "n_groups", 1 <= cfg.n_groups <= cfg.d_sae, f"must be in [1, d_sae={cfg.d_sae}]"
     )
-    require("high_target_freq", 0 < cfg.high_target_freq < 1, "must be in (0, 1)")
     require("low_target_freq", 0 < cfg.low_target_freq < 1, "must be in (0, 1)")
+    require(
+        "low_target_freq",
+        cfg.high_target_freq is not None,
+        f"must be < high_target_freq, which target_l0 derives up to {HIGHEST_TARGET}",
+    )
+    high = cfg.high_target_freq
+    require("high_target_freq", high is not None and 0 < high < 1, "must be in (0, 1)")
     require(
         "low_target_freq",
         cfg.n_groups == 1 or cfg.low_target_freq < cfg.high_target_freq,

@@ -11,7 +11,9 @@ from sae_gba.bias_adaptation import (
     accumulate_window,
     adapt_biases,
     closed_windows,
+    expected_l0,
     group_index,
+    high_target_for_l0,
     quantile_biases,
     target_frequencies,
 )
@@ -183,3 +185,25 @@ def test_adapt_biases__scale_step_uses_the_unbiased_peak():
     scale = adapt_biases(*args, gamma_plus=0.1, gamma_minus=0.2, step_unit="scale")
     assert margin.tolist() == pytest.approx([-0.81, -0.495])
     assert scale.tolist() == pytest.approx([-0.97, -0.5 + 0.0575])
+
+
+def test_expected_l0__group_sizes_times_targets_by_hand():
+    # 6 neurons in 3 groups of 2, targets 0.5 / 0.05 / 0.005.
+    assert expected_l0(6, 3, 0.5, 0.005) == pytest.approx(2 * 0.555)
+    # 10 neurons in groups of 4, 3, 3: the first group is the largest.
+    assert expected_l0(10, 3, 0.5, 0.005) == pytest.approx(4 * 0.5 + 0.15 + 0.015)
+    assert expected_l0(8, 1, 0.25, 0.001) == pytest.approx(2.0)
+
+
+def test_high_target_for_l0__inverts_expected_l0_with_groups_and_low():
+    assert high_target_for_l0(2.0, 8, 1, 0.001) == pytest.approx(0.25)
+    for n_groups, low in ((10, 1e-4), (3, 1e-3)):
+        for l0 in (5.0, 40.0):
+            high = high_target_for_l0(l0, 2048, n_groups, low)
+            assert expected_l0(2048, n_groups, high, low) == pytest.approx(l0, rel=1e-6)
+    # 6 neurons, 3 groups, low 0.005: at most 2 * (0.5 + 0.05 + 0.005) = 1.11.
+    assert high_target_for_l0(1.11, 6, 3, 0.005, 0.5) == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(
+        ValueError, match=r"out of reach .* must lie in \(0\.03.*, 1\.11\]"
+    ):
+        high_target_for_l0(1.2, 6, 3, 0.005, 0.5)

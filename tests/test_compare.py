@@ -24,8 +24,6 @@ from evals.compare import (
     COMPARE_PRESETS,
     CompareError,
     CompareSize,
-    gba_expected_l0,
-    gba_high_target_freq,
     harvest,
     interpolate_log_l0,
     matched_l0,
@@ -103,12 +101,12 @@ def test_compare__writes_rows_report_and_plots(compared):
         "absorption_500_words",
         "core",
     ]
-    # TopK's L0 is at most k and grows with it; GBA's target frequency grows with L0.
+    # TopK's L0 is at most k and grows with it; GBA's target L0 grows with L0.
     assert rows[("topk", 4.0)]["l0"] <= 4 + 1e-6
     assert rows[("topk", 4.0)]["l0"] < rows[("topk", 8.0)]["l0"] <= 8 + 1e-6
     assert rows[("topk", 8.0)]["setting"] == {"k": 8}
-    htf = [rows[("gba", t)]["setting"]["high_target_freq"] for t in SIZE.target_l0s]
-    assert htf[0] < htf[1]
+    aimed = [rows[("gba", t)]["setting"]["target_l0"] for t in SIZE.target_l0s]
+    assert aimed[0] < aimed[1]
     markdown = (out / "compare.md").read_text()
     assert "| method | setting | L0 | EV legacy |" in markdown
     assert result["gba_vs_topk"] in markdown
@@ -214,14 +212,6 @@ def test_harvest__drops_special_tokens_and_stops_at_n_tokens(speller):
         harvest(speller, "blocks.0.hook_resid_post", windows, 151, 4, False)
 
 
-def test_gba_high_target_freq__inverts_the_expected_l0():
-    for target in (20.0, 64.0, 300.0):
-        htf = gba_high_target_freq(target, 2048)
-        assert gba_expected_l0(htf, 2048) == pytest.approx(target, rel=1e-6)
-    with pytest.raises(CompareError, match="out of GBA's reach"):
-        gba_high_target_freq(2000.0, 2048)
-
-
 def test_matched_l0__interpolates_in_log_l0_inside_the_range_only():
     assert interpolate_log_l0([(10, 0.5), (40, 0.7)], 20) == pytest.approx(0.6)
     assert interpolate_log_l0([(10, 0.5), (40, 0.7)], 50) is None
@@ -254,7 +244,7 @@ def test_matched_l0__interpolates_in_log_l0_inside_the_range_only():
         ),
         (
             {"size": CompareSize("x", d_sae=64, training_tokens=512, target_l0s=(60,))},
-            "out of GBA's reach",
+            "GBA at L0 60: target L0 60 is out of reach",
         ),
     ],
 )

@@ -16,14 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
-from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-
-from sae_gba.gba_sae import GBATrainingSAEConfig
-
 if TYPE_CHECKING:
     import datasets
+    import torch
+    from sae_lens import LanguageModelSAERunnerConfig
     from sae_lens.saes.sae import TrainingSAE
     from transformer_lens import HookedTransformer
     from transformers import PretrainedConfig
@@ -118,7 +114,7 @@ GEMMA_2_2B = ModelPreset(
     training_tokens=300_000_000,
     dataset_path="monology/pile-uncopyrighted",
     streaming=True,
-    adaptation_interval=GBATrainingSAEConfig.adaptation_interval,
+    adaptation_interval=50,  # GBATrainingSAEConfig's default
     # 8 x 1024-token windows per forward pass, 16 of them buffered: 131k tokens
     # (1.2 GB of float32 activations at d_in 2304).
     store_batch_size_prompts=8,
@@ -155,6 +151,9 @@ def gba_runner_config(
         **sae_overrides: further fields of that architecture's training config
             (``n_groups``, ``adaptation_interval``, ``k``, ...).
     """
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
     if architecture not in SAE_TRAINING_CLASS_REGISTRY:
         raise ValueError(
             f"architecture={architecture!r} is invalid: must be one of "
@@ -272,7 +271,7 @@ def load_gemma2_folder(
     folder: str | Path,
     d_in: int = GEMMA_2_2B.d_in,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> HookedTransformer:
     """Load a local Hugging Face Gemma-2 folder as an unprocessed HookedTransformer.
 
@@ -283,12 +282,14 @@ def load_gemma2_folder(
         folder: folder with config.json, the weights and a tokenizer.
         d_in: the model width the caller's SAE expects.
         device: torch device for the weights.
-        dtype: weight dtype of the returned model.
+        dtype: weight dtype of the returned model (None: float32).
     """
+    import torch
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     folder = Path(folder)
     hf_config = _read_gemma2_config(folder, d_in)
     try:
@@ -338,7 +339,7 @@ def load_hooked_model(
     preset: ModelPreset,
     model_path: str | None,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> HookedTransformer:
     """Load the preset's model as an unprocessed HookedTransformer.
 
@@ -348,10 +349,13 @@ def load_hooked_model(
             ``preset.model_name`` through TransformerLens (Hub or HF cache). The
             embedded preset takes no path: its model ships with the package.
         device: torch device for the weights.
-        dtype: weight dtype of the returned model.
+        dtype: weight dtype of the returned model (None: float32).
     """
+    import torch
+
     from sae_gba.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
 
+    dtype = torch.float32 if dtype is None else dtype
     if preset.model_name == EMBEDDED_MODEL_NAME:
         if model_path is not None:
             raise ValueError(
@@ -417,9 +421,15 @@ def train_preset(
     layer: int | None = None,
     device: str = "cpu",
     architecture: str = "gba",
+    resume: bool = False,
+    checkpoint_interval_s: float = 300.0,
     **sae_overrides: Any,
 ) -> TrainingSAE[Any]:
     """Train an SAE on ``preset`` with SAELens's runner; the SAE goes to ``out/sae``.
+
+    Checkpoints go to ``out/checkpoints`` (every ``checkpoint_interval_s`` and on
+    Ctrl-C; see :class:`sae_gba.training.ResumableRunner`) and are removed once the
+    SAE is written.
 
     Args:
         preset: the model preset.
@@ -433,18 +443,22 @@ def train_preset(
         layer: residual stream block; None keeps the preset's.
         device: torch device for the SAE and the model.
         architecture: the training architecture (see :func:`gba_runner_config`).
+        resume: continue from the newest checkpoint in ``out/checkpoints`` (same
+            settings required).
+        checkpoint_interval_s: seconds between checkpoints.
         **sae_overrides: further fields of the architecture's training config.
 
     Returns:
         The trained SAE (its exported inference form is in ``out/sae``).
     """
-    from sae_lens import LanguageModelSAETrainingRunner
+    import shutil
+
+    from sae_gba.training import ResumableRunner
 
     out = Path(out)
     cfg = gba_runner_config(
         preset,
         output_path=str(out / "sae"),
-        checkpoint_path=str(out / "checkpoints"),
         d_sae=d_sae,
         training_tokens=training_tokens,
         layer=layer,
@@ -466,7 +480,14 @@ def train_preset(
         dataset = embedded_token_dataset("train", preset.context_size).shuffle(
             seed=preset.seed
         )
-    runner = LanguageModelSAETrainingRunner(
-        cfg, override_model=model, override_dataset=dataset
+    runner = ResumableRunner(
+        cfg,
+        checkpoint_dir=out / "checkpoints",
+        resume=resume,
+        checkpoint_interval_s=checkpoint_interval_s,
+        override_model=model,
+        override_dataset=dataset,
     )
-    return runner.run()
+    sae = runner.run()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return sae

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
 from sae_gba.atomic import replace_folder
+from sae_gba.gba_sae import _check_finite as check_finite
 
 DATA_STATE_FILENAME = "data_provider_state.json"
 STREAM_TENSORS_FILENAME = "activation_stream.safetensors"
@@ -342,7 +343,10 @@ class CheckpointedFit(Iterator[torch.Tensor]):
             self.checkpoint()
         if self.stop:
             raise KeyboardInterrupt
-        return next(self.data)
+        batch = next(self.data)
+        # Stop at the step that would train on them, whatever the architecture.
+        check_finite(batch, self.trainer.n_training_steps)
+        return batch
 
     def checkpoint(self) -> Path:
         """Write a checkpoint now and drop the older ones."""

@@ -84,12 +84,17 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def _writable_folder(option: str, folder: Path) -> None:
-    """Create ``folder`` (and parents) and make sure a file can be written in it."""
+def _folder_path(option: str, folder: Path) -> None:
+    """Refuse a folder path that is a file or lies under one."""
     existing = _nearest_existing(folder)
     if not existing.is_dir():
         where = "is a file" if existing == folder else f"lies under the file {existing}"
         raise UsageError(f"{option} {folder} {where}; choose a folder path")
+
+
+def _writable_folder(option: str, folder: Path) -> None:
+    """Create ``folder`` (and parents) and make sure a file can be written in it."""
+    _folder_path(option, folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -104,13 +109,14 @@ def _writable_folder(option: str, folder: Path) -> None:
 def _output_folder(
     out: str, resume: bool, overwrite: bool, how_to_continue: str
 ) -> Path:
+    """Check ``--out`` (created by ``_writable_folder`` once all checks passed)."""
     folder = Path(out)
     if folder.is_dir() and any(folder.iterdir()) and not (resume or overwrite):
         raise UsageError(
             f"--out {folder} already holds files; {how_to_continue}, or choose "
             "another --out"
         )
-    _writable_folder("--out", folder)
+    _folder_path("--out", folder)
     return folder
 
 
@@ -188,6 +194,8 @@ def _training_architecture(name: str) -> None:
 
 
 def _sae_folder(path: str) -> None:
+    if not Path(path).is_dir():  # before SAELens's import (seconds)
+        raise UsageError(f"SAE folder {path} does not exist")
     from sae_gba.loading import verify_sae_folder
 
     try:
@@ -214,7 +222,7 @@ def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume is None:
         if "preset" not in given:
             raise UsageError("--preset is required (or --resume OUT)")
-        return {**TRAIN_DEFAULTS, **given}
+        return {**dict.fromkeys(TRAIN_FIELDS), **TRAIN_DEFAULTS, **given}
     saved_file = Path(args.resume) / TRAIN_ARGS_FILE
     if not saved_file.is_file():
         raise UsageError(
@@ -259,6 +267,7 @@ def _train(args: argparse.Namespace) -> _Job:
         )
     _device(settings["device"])
     _training_architecture(settings["architecture"])
+    _writable_folder("--out", out)
     if args.overwrite:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if not resume:
@@ -303,6 +312,7 @@ def _demo(args: argparse.Namespace) -> _Job:
         )
     hint = "pass --resume to continue that run or --overwrite to start over"
     out = _output_folder(values["out"], args.resume, args.overwrite, hint)
+    _writable_folder("--out", out)
     if args.overwrite:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
@@ -341,6 +351,9 @@ def _synth(args: argparse.Namespace) -> _Job:
 
 
 def _publish(args: argparse.Namespace) -> _Job:
+    for folder in args.sae_dirs:  # publish checks the files; this is instant
+        if not Path(folder).is_dir():
+            raise UsageError(f"SAE folder {folder} does not exist")
     if args.dry_run is not None:
         staging = Path(args.dry_run)
         existing = _nearest_existing(staging)
@@ -376,10 +389,11 @@ def _eval(args: argparse.Namespace) -> _Job:
     _positive("--absorption-words", args.absorption_words, 0)
     _existing_folder("--model-path", args.model_path, needs="config.json")
     _existing_folder("--dataset-path", args.dataset_path)
-    _sae_folder(args.sae_dir)
     hint = "pass --overwrite to replace its results"
     out = _output_folder(args.out, False, args.overwrite, hint)
+    _sae_folder(args.sae_dir)
     _device(args.device)
+    _writable_folder("--out", out)
     options = {
         "n_tokens": args.n_tokens,
         "n_recon_tokens": args.n_recon_tokens,
@@ -435,6 +449,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> _Job:
     if args.absorption_words is not None:
         size = replace(size, absorption_words=args.absorption_words or None)
     resolve_request(args.preset, size, methods, evals)
+    _writable_folder("--out", out)
 
     def run() -> None:
         from evals.compare import run_compare
@@ -703,6 +718,9 @@ def main(argv: list[str] | None = None) -> None:
         run, partial = checks[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as err:
         _fail(prog, str(err), 2, debug)
+    except Exception as err:
+        hint = "" if debug else "; SAE_GBA_DEBUG=1 shows the traceback"
+        _fail(prog, f"{type(err).__name__}: {err}{hint}", 1, debug)
     try:
         run()
     except KeyboardInterrupt:

@@ -410,6 +410,35 @@ def load_local_dataset(path: str | Path) -> datasets.Dataset:
     return data
 
 
+def check_dataset_size(
+    data: datasets.Dataset, preset: ModelPreset, where: str | Path
+) -> None:
+    """Refuse a dataset too short to fill one of the runner's model batches.
+
+    SAELens repeats a dataset shorter than the run (with a warning), but one that
+    cannot fill a single batch of ``store_batch_size_prompts`` windows fails deep in
+    its buffer with no word on the size.
+
+    Args:
+        data: the loaded dataset.
+        preset: the run's preset (window length and windows per batch).
+        where: the dataset folder (for the message).
+    """
+    needed = preset.store_batch_size_prompts
+    column = next((c for c in _TOKEN_COLUMNS if c in data.column_names), None)
+    if column == "text":
+        if len(data) == 0:
+            raise ValueError(f"dataset folder {where} has no rows")
+        return
+    tokens = sum(len(row) for row in data[:needed][column])
+    if len(data) < needed:
+        raise ValueError(
+            f"dataset folder {where} has {len(data)} rows ({tokens} tokens); one "
+            f"model batch needs {needed} windows of {preset.context_size} tokens "
+            f"({needed * preset.context_size} tokens)"
+        )
+
+
 def train_preset(
     preset: ModelPreset,
     out: str | Path,
@@ -468,6 +497,8 @@ def train_preset(
     )
     # Check the data before the (possibly minutes-long) model load.
     dataset = load_local_dataset(dataset_path) if dataset_path is not None else None
+    if dataset is not None:
+        check_dataset_size(dataset, preset, dataset_path)
     model = load_hooked_model(preset, model_path, device=device)
     layer = preset.layer if layer is None else layer
     if layer >= model.cfg.n_layers:

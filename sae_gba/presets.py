@@ -482,7 +482,12 @@ def train_preset(
     """
     import shutil
 
-    from sae_gba.training import ResumableRunner
+    from sae_gba.training import (
+        RUNNER_CFG_FILENAME,
+        ResumableRunner,
+        check_same_config,
+        latest_checkpoint,
+    )
 
     out = Path(out)
     cfg = gba_runner_config(
@@ -495,6 +500,9 @@ def train_preset(
         architecture=architecture,
         **sae_overrides,
     )
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if checkpoint is not None:  # before the model load too
+        check_same_config(cfg, checkpoint / RUNNER_CFG_FILENAME)
     # Check the data before the (possibly minutes-long) model load.
     dataset = load_local_dataset(dataset_path) if dataset_path is not None else None
     if dataset is not None:

@@ -468,9 +468,11 @@ def check_same_config(cfg: Any, saved_path: Path) -> None:
     """
     saved = json.loads(saved_path.read_text())
     wanted = json.loads(json.dumps(cfg.to_dict()))
-    # SAELens appends a random id to checkpoint_path; where checkpoints go is ours.
+    # Where the run's files go is not its configuration (SAELens even appends a
+    # random id to checkpoint_path), and a run folder may have been moved.
     for config in (saved, wanted):
         config.pop("checkpoint_path", None)
+        config.pop("output_path", None)
     if differences := config_differences(saved, wanted):
         raise ValueError(
             f"cannot resume from {saved_path.parent}: it was written with another "

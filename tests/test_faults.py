@@ -24,7 +24,7 @@ from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 from safetensors.torch import load_file, save_file
 
 from sae_gba.atomic import write_text_atomically
-from sae_gba.cli import main
+from sae_gba.cli import TRAIN_FIELDS, main
 from sae_gba.gba_sae import GBATrainingSAE, GBATrainingSAEConfig
 from sae_gba.loading import verify_sae_folder
 from sae_gba.presets import GEMMA_2_2B, check_dataset_size
@@ -148,15 +148,8 @@ def test_resume_of_a_missing_or_finished_run_is_refused(tmp_path, capsys):
     line = _main_error(capsys, ["train", "--resume", str(tmp_path / "none")])
     assert "no sae-gba train run there" in line
     (tmp_path / "sae").mkdir()
-    (tmp_path / "train_args.json").write_text(
-        json.dumps(
-            {"preset": "embedded", "model_path": None, "dataset_path": None}
-        ).replace(
-            "}",
-            ', "d_sae": null, "training_tokens": null, "layer": null, '
-            '"device": "cpu", "architecture": "gba", "k": null}',
-        )
-    )
+    saved = {**dict.fromkeys(TRAIN_FIELDS), "preset": "embedded", "device": "cpu"}
+    (tmp_path / "train_args.json").write_text(json.dumps(saved))
     line = _main_error(capsys, ["train", "--resume", str(tmp_path)])
     assert "the run is finished" in line and "--overwrite" in line
 

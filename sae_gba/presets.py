@@ -482,6 +482,8 @@ def train_preset(
     """
     import shutil
 
+    import torch
+
     from sae_gba.training import (
         RUNNER_CFG_FILENAME,
         ResumableRunner,
@@ -519,6 +521,9 @@ def train_preset(
         dataset = embedded_token_dataset("train", preset.context_size).shuffle(
             seed=preset.seed
         )
+    # SAELens's runner seeds nothing: the SAE's initialisation and the activation
+    # buffer's shuffles come from torch's global generator.
+    torch.manual_seed(preset.seed)
     runner = ResumableRunner(
         cfg,
         checkpoint_dir=out / "checkpoints",

@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
+# --overwrite: each `make demo` trains afresh (an interrupted one continues with
+# `sae-gba demo --out runs/demo --resume`).
 demo: $(STAMP)
-	$(VENV)/bin/sae-gba demo --out runs/demo
+	$(VENV)/bin/sae-gba demo --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

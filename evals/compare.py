@@ -114,6 +114,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.saebench import EvalSettings, prepare_sae, run_core
+from sae_gba.atomic import write_text_atomically
 from sae_gba.bias_adaptation import high_target_for_l0
 
 if TYPE_CHECKING:
@@ -1658,8 +1659,10 @@ def report(
         "cumulative_seconds": _cumulative_seconds(rows, header["harvest"]),
         "versions": f"sae_lens=={version('sae_lens')}, {saebench_version()}",
     }
-    (out / "compare.json").write_text(json.dumps(result, indent=1, default=float))
-    (out / "compare.md").write_text(markdown_report(result))
+    write_text_atomically(
+        out / "compare.json", json.dumps(result, indent=1, default=float)
+    )
+    write_text_atomically(out / "compare.md", markdown_report(result))
     size = header["size"]
     title = (
         f"{header['model']} {header['hook_name']}, {size['d_sae']:,} latents, "

@@ -91,6 +91,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_gba.atomic import write_text_atomically
+
 if TYPE_CHECKING:
     import datasets
     from sae_lens import SAE
@@ -295,7 +297,7 @@ def add_provenance(path: Path, info: dict[str, Any]) -> None:
     """Record this plugin's data and token counts in a SAEBench result file."""
     data = json.loads(path.read_text())
     data["eval_result_unstructured"] = {"sae_gba": info}
-    path.write_text(json.dumps(data, indent=2))
+    write_text_atomically(path, json.dumps(data, indent=2))
 
 
 def run_core(
@@ -517,8 +519,8 @@ def evaluate(
         )
         timings["absorption_s"] = time.perf_counter() - start
     summary = out / "summary.md"
-    summary.write_text(
-        summary_markdown(sae_dir, cfg, preset, settings, results, timings)
+    write_text_atomically(
+        summary, summary_markdown(sae_dir, cfg, preset, settings, results, timings)
     )
     return {
         "preset": preset,

@@ -33,6 +33,7 @@ from evals.synthetic_methods import (
 )
 from evals.synthetic_plots import plot
 from evals.wsae_experiment import wsae_experiment
+from sae_gba.atomic import write_text_atomically
 from sae_gba.gba_sae import GBATrainingSAEConfig
 from sae_gba.recovery import (
     best_match_cosine,
@@ -647,6 +648,8 @@ def run_experiment(
         raise ValueError(
             f"experiment={name!r} is invalid: must be one of {sorted(EXPERIMENTS)}"
         )
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds={seeds} is invalid: must be >= 1")
     start = time.time()
     if seeds is not None:
         kwargs["seeds"] = seeds
@@ -654,7 +657,7 @@ def run_experiment(
     result["wall_seconds"] = time.time() - start
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=_jsonable))
+    write_text_atomically(out, json.dumps(result, indent=2, default=_jsonable))
     plot(result, out.with_suffix(".png"))
     return result
 

@@ -29,6 +29,7 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAE
 
 import sae_gba  # noqa: F401  (registers gba and weighted_gba)
+from sae_gba.atomic import write_text_atomically
 from sae_gba.bias_adaptation import BIAS_MAX, BIAS_MIN, group_index, target_frequencies
 from sae_gba.fast_step import fast_step_enabled
 from sae_gba.gba_sae import GBATrainingSAE
@@ -331,7 +332,7 @@ def run_throughput(
         torch.set_num_threads(previous_threads)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomically(out, json.dumps(result, indent=1))
     plot_throughput(result, out.with_suffix(".png"))
     return result
 

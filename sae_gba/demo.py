@@ -5,25 +5,20 @@ of the embedded Wikipedia slice, then measures the SAE on held-out articles and
 writes the SAE folder, ``summary.json`` and ``firing_frequencies.png``.
 """
 
+from __future__ import annotations
+
 import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from sae_lens import LanguageModelSAETrainingRunner
-from sae_lens.saes.sae import SAE
-from safetensors.torch import load_file
-from tqdm.auto import tqdm
-
-from sae_gba.bias_adaptation import group_index, target_frequencies
-from sae_gba.embedded import (
-    EMBEDDED_MODEL_NAME,
-    embedded_token_dataset,
-    load_embedded_model,
-)
 from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
+
+# Heavy libraries load inside the functions, so `sae-gba demo --help` stays fast.
+if TYPE_CHECKING:
+    import torch
+    from sae_lens.saes.sae import SAE
 
 
 @dataclass
@@ -53,7 +48,6 @@ class DemoConfig:
     seed: int = EMBEDDED.seed
 
 
-@torch.no_grad()
 def held_out_metrics(
     sae: SAE[Any], model: Any, hook_name: str, tokens: torch.Tensor, batch: int = 16
 ) -> dict[str, float]:
@@ -66,28 +60,32 @@ def held_out_metrics(
         tokens: (n_windows, context) token ids, BOS first.
         batch: windows per forward pass.
     """
-    layer = int(hook_name.split(".")[1])
-    l0, legacy, sq_err, sq_var, n = 0.0, 0.0, 0.0, 0.0, 0
-    rows = []
-    for start in tqdm(range(0, len(tokens), batch), desc="held-out activations"):
-        _, cache = model.run_with_cache(
-            tokens[start : start + batch],
-            names_filter=hook_name,
-            stop_at_layer=layer + 1,
-        )
-        rows.append(cache[hook_name][:, 1:].reshape(-1, cache[hook_name].shape[-1]))
-    x = torch.cat(rows).float()
-    mean = x.mean(dim=0)
-    for chunk in x.split(4096):
-        acts = sae.encode(chunk)
-        out = sae.decode(acts)
-        err = (out - chunk).pow(2).sum(-1)
-        var = (chunk - mean).pow(2).sum(-1)
-        l0 += (acts > 0).sum().item()
-        legacy += (1 - err / var).sum().item()
-        sq_err += err.sum().item()
-        sq_var += var.sum().item()
-        n += chunk.shape[0]
+    import torch
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        layer = int(hook_name.split(".")[1])
+        l0, legacy, sq_err, sq_var, n = 0.0, 0.0, 0.0, 0.0, 0
+        rows = []
+        for start in tqdm(range(0, len(tokens), batch), desc="held-out activations"):
+            _, cache = model.run_with_cache(
+                tokens[start : start + batch],
+                names_filter=hook_name,
+                stop_at_layer=layer + 1,
+            )
+            rows.append(cache[hook_name][:, 1:].reshape(-1, cache[hook_name].shape[-1]))
+        x = torch.cat(rows).float()
+        mean = x.mean(dim=0)
+        for chunk in x.split(4096):
+            acts = sae.encode(chunk)
+            out = sae.decode(acts)
+            err = (out - chunk).pow(2).sum(-1)
+            var = (chunk - mean).pow(2).sum(-1)
+            l0 += (acts > 0).sum().item()
+            legacy += (1 - err / var).sum().item()
+            sq_err += err.sum().item()
+            sq_var += var.sum().item()
+            n += chunk.shape[0]
     return {
         "eval_tokens": n,
         "l0": l0 / n,
@@ -111,6 +109,8 @@ def group_report(
     judged when its windows see at least 10 expected firings: below that the
     controller cannot resolve its target.
     """
+    from sae_gba.bias_adaptation import group_index, target_frequencies
+
     targets = target_frequencies(n_groups, high, low)
     groups = group_index(frequencies.shape[0], n_groups)
     report = []
@@ -135,6 +135,8 @@ def plot_frequencies(
     """Each neuron's firing frequency (last 100k tokens) against its group's target."""
     import matplotlib
 
+    from sae_gba.bias_adaptation import group_index, target_frequencies
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -158,8 +160,32 @@ def plot_frequencies(
     plt.close(fig)
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Train, measure and write the demo's outputs; returns the summary."""
+def run_demo(
+    cfg: DemoConfig, resume: bool = False, checkpoint_interval_s: float = 300.0
+) -> dict[str, Any]:
+    """Train, measure and write the demo's outputs; returns the summary.
+
+    Args:
+        cfg: what to train.
+        resume: continue the interrupted run in ``cfg.out`` (from its newest
+            checkpoint, or straight to the measurements if its SAE is finished).
+        checkpoint_interval_s: seconds between training checkpoints.
+    """
+    import shutil
+
+    import torch
+    from sae_lens.saes.sae import SAE
+    from safetensors.torch import load_file
+
+    from sae_gba.atomic import write_text_atomically
+    from sae_gba.embedded import (
+        EMBEDDED_MODEL_NAME,
+        embedded_token_dataset,
+        load_embedded_model,
+    )
+    from sae_gba.loading import read_sae_config
+    from sae_gba.training import ResumableRunner, latest_checkpoint
+
     start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,19 +194,30 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     runner_cfg = gba_runner_config(
         preset,
         output_path=str(out / "sae"),
-        checkpoint_path=str(out / "checkpoints"),
         d_sae=cfg.d_sae,
         training_tokens=cfg.training_tokens,
         layer=cfg.layer,
         adaptation_interval=cfg.adaptation_interval,
     )
     model = load_embedded_model(dtype=getattr(torch, cfg.lm_dtype))
-    train = embedded_token_dataset("train", preset.context_size).shuffle(seed=cfg.seed)
-    runner = LanguageModelSAETrainingRunner(
-        runner_cfg, override_model=model, override_dataset=train
-    )
+    checkpoints = out / "checkpoints"
     train_start = time.time()
-    sae = runner.run()
+    if resume and latest_checkpoint(checkpoints) is None and (out / "sae").is_dir():
+        read_sae_config(out / "sae")  # finished before: check it, measure it
+    else:
+        train = embedded_token_dataset("train", preset.context_size).shuffle(
+            seed=cfg.seed
+        )
+        runner = ResumableRunner(
+            runner_cfg,
+            checkpoint_dir=checkpoints,
+            resume=resume,
+            checkpoint_interval_s=checkpoint_interval_s,
+            override_model=model,
+            override_dataset=train,
+        )
+        runner.run()
+        shutil.rmtree(checkpoints, ignore_errors=True)
     train_seconds = time.time() - train_start
 
     sae_dir = out / "sae"
@@ -188,7 +225,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     frequencies = torch.where(
         log_sparsity > -9, 10.0**log_sparsity, torch.zeros_like(log_sparsity)
     )
-    gba = sae.cfg
+    gba = runner_cfg.sae
     window_tokens = preset.batch_tokens * gba.adaptation_interval
     groups = group_report(
         frequencies,
@@ -227,5 +264,5 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "wall_seconds": time.time() - start,
         "sae_dir": str(sae_dir),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -116,6 +116,8 @@ COUNTER_STATE = (
     "last_window_tokens",
 )
 GATE_BIAS_INITS = ("zero", "target_quantile")
+# The first batch's centred spread must exceed this fraction of its RMS norm.
+MIN_RELATIVE_SPREAD = 1e-3
 
 
 @dataclass
@@ -692,10 +694,17 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         x = self._process_in(sae_in).reshape(-1, self.cfg.d_in).float()
         mean = x.mean(dim=0)
         scale = (x - mean).pow(2).sum(dim=-1).mean().sqrt()
-        if not torch.isfinite(scale) or scale <= 0:
+        size = x.pow(2).sum(dim=-1).mean().sqrt()
+        # Rows that barely differ give a scale set by their noise: every trained
+        # quantity is in units of it, and the SAE learns nothing useful.
+        if not torch.isfinite(scale) or scale <= MIN_RELATIVE_SPREAD * size:
             raise ValueError(
-                f"cannot set the GBA input scale from the first batch: its centred RMS "
-                f"norm is {scale.item()} (inputs must vary; got {x.shape[0]} rows)"
+                f"cannot set the GBA input scale from the first batch ({x.shape[0]} "
+                f"rows): its rows are (nearly) constant (centred RMS norm "
+                f"{scale.item():.3g}, RMS norm {size.item():.3g}; the spread must be "
+                f"above {MIN_RELATIVE_SPREAD:g} of the size). Shuffle the data so the "
+                "first batch is representative, and leave out constant positions "
+                "(padding, BOS)"
             )
         self.input_scale.copy_(scale)
         self.pre_bias.data.copy_((mean / scale).to(self.pre_bias))

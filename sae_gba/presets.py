@@ -16,14 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
-from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-
-from sae_gba.gba_sae import GBATrainingSAEConfig
-
 if TYPE_CHECKING:
     import datasets
+    import torch
+    from sae_lens import LanguageModelSAERunnerConfig
     from sae_lens.saes.sae import TrainingSAE
     from transformer_lens import HookedTransformer
     from transformers import PretrainedConfig
@@ -118,7 +114,7 @@ GEMMA_2_2B = ModelPreset(
     training_tokens=300_000_000,
     dataset_path="monology/pile-uncopyrighted",
     streaming=True,
-    adaptation_interval=GBATrainingSAEConfig.adaptation_interval,
+    adaptation_interval=50,  # GBATrainingSAEConfig's default
     # 8 x 1024-token windows per forward pass, 16 of them buffered: 131k tokens
     # (1.2 GB of float32 activations at d_in 2304).
     store_batch_size_prompts=8,
@@ -155,6 +151,9 @@ def gba_runner_config(
         **sae_overrides: further fields of that architecture's training config
             (``n_groups``, ``adaptation_interval``, ``k``, ...).
     """
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
     if architecture not in SAE_TRAINING_CLASS_REGISTRY:
         raise ValueError(
             f"architecture={architecture!r} is invalid: must be one of "
@@ -272,7 +271,7 @@ def load_gemma2_folder(
     folder: str | Path,
     d_in: int = GEMMA_2_2B.d_in,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> HookedTransformer:
     """Load a local Hugging Face Gemma-2 folder as an unprocessed HookedTransformer.
 
@@ -283,12 +282,14 @@ def load_gemma2_folder(
         folder: folder with config.json, the weights and a tokenizer.
         d_in: the model width the caller's SAE expects.
         device: torch device for the weights.
-        dtype: weight dtype of the returned model.
+        dtype: weight dtype of the returned model (None: float32).
     """
+    import torch
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     folder = Path(folder)
     hf_config = _read_gemma2_config(folder, d_in)
     try:
@@ -338,7 +339,7 @@ def load_hooked_model(
     preset: ModelPreset,
     model_path: str | None,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> HookedTransformer:
     """Load the preset's model as an unprocessed HookedTransformer.
 
@@ -348,10 +349,13 @@ def load_hooked_model(
             ``preset.model_name`` through TransformerLens (Hub or HF cache). The
             embedded preset takes no path: its model ships with the package.
         device: torch device for the weights.
-        dtype: weight dtype of the returned model.
+        dtype: weight dtype of the returned model (None: float32).
     """
+    import torch
+
     from sae_gba.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
 
+    dtype = torch.float32 if dtype is None else dtype
     if preset.model_name == EMBEDDED_MODEL_NAME:
         if model_path is not None:
             raise ValueError(
@@ -406,6 +410,35 @@ def load_local_dataset(path: str | Path) -> datasets.Dataset:
     return data
 
 
+def check_dataset_size(
+    data: datasets.Dataset, preset: ModelPreset, where: str | Path
+) -> None:
+    """Refuse a dataset too short to fill one of the runner's model batches.
+
+    SAELens repeats a dataset shorter than the run (with a warning), but one that
+    cannot fill a single batch of ``store_batch_size_prompts`` windows fails deep in
+    its buffer with no word on the size.
+
+    Args:
+        data: the loaded dataset.
+        preset: the run's preset (window length and windows per batch).
+        where: the dataset folder (for the message).
+    """
+    needed = preset.store_batch_size_prompts
+    column = next((c for c in _TOKEN_COLUMNS if c in data.column_names), None)
+    if column == "text":
+        if len(data) == 0:
+            raise ValueError(f"dataset folder {where} has no rows")
+        return
+    tokens = sum(len(row) for row in data[:needed][column])
+    if len(data) < needed:
+        raise ValueError(
+            f"dataset folder {where} has {len(data)} rows ({tokens} tokens); one "
+            f"model batch needs {needed} windows of {preset.context_size} tokens "
+            f"({needed * preset.context_size} tokens)"
+        )
+
+
 def train_preset(
     preset: ModelPreset,
     out: str | Path,
@@ -417,9 +450,15 @@ def train_preset(
     layer: int | None = None,
     device: str = "cpu",
     architecture: str = "gba",
+    resume: bool = False,
+    checkpoint_interval_s: float = 300.0,
     **sae_overrides: Any,
 ) -> TrainingSAE[Any]:
     """Train an SAE on ``preset`` with SAELens's runner; the SAE goes to ``out/sae``.
+
+    Checkpoints go to ``out/checkpoints`` (every ``checkpoint_interval_s`` and on
+    Ctrl-C; see :class:`sae_gba.training.ResumableRunner`) and are removed once the
+    SAE is written.
 
     Args:
         preset: the model preset.
@@ -433,18 +472,29 @@ def train_preset(
         layer: residual stream block; None keeps the preset's.
         device: torch device for the SAE and the model.
         architecture: the training architecture (see :func:`gba_runner_config`).
+        resume: continue from the newest checkpoint in ``out/checkpoints`` (same
+            settings required).
+        checkpoint_interval_s: seconds between checkpoints.
         **sae_overrides: further fields of the architecture's training config.
 
     Returns:
         The trained SAE (its exported inference form is in ``out/sae``).
     """
-    from sae_lens import LanguageModelSAETrainingRunner
+    import shutil
+
+    import torch
+
+    from sae_gba.training import (
+        RUNNER_CFG_FILENAME,
+        ResumableRunner,
+        check_same_config,
+        latest_checkpoint,
+    )
 
     out = Path(out)
     cfg = gba_runner_config(
         preset,
         output_path=str(out / "sae"),
-        checkpoint_path=str(out / "checkpoints"),
         d_sae=d_sae,
         training_tokens=training_tokens,
         layer=layer,
@@ -452,8 +502,13 @@ def train_preset(
         architecture=architecture,
         **sae_overrides,
     )
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if checkpoint is not None:  # before the model load too
+        check_same_config(cfg, checkpoint / RUNNER_CFG_FILENAME)
     # Check the data before the (possibly minutes-long) model load.
     dataset = load_local_dataset(dataset_path) if dataset_path is not None else None
+    if dataset is not None:
+        check_dataset_size(dataset, preset, dataset_path)
     model = load_hooked_model(preset, model_path, device=device)
     layer = preset.layer if layer is None else layer
     if layer >= model.cfg.n_layers:
@@ -466,7 +521,17 @@ def train_preset(
         dataset = embedded_token_dataset("train", preset.context_size).shuffle(
             seed=preset.seed
         )
-    runner = LanguageModelSAETrainingRunner(
-        cfg, override_model=model, override_dataset=dataset
+    # SAELens's runner seeds nothing: the SAE's initialisation and the activation
+    # buffer's shuffles come from torch's global generator.
+    torch.manual_seed(preset.seed)
+    runner = ResumableRunner(
+        cfg,
+        checkpoint_dir=out / "checkpoints",
+        resume=resume,
+        checkpoint_interval_s=checkpoint_interval_s,
+        override_model=model,
+        override_dataset=dataset,
     )
-    return runner.run()
+    sae = runner.run()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return sae

@@ -20,6 +20,7 @@ The ``sae_id`` is derived from the config: ``{hook_name}__{training_architecture
 """
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -28,15 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from sae_lens import SAE
 from sae_lens.registry import SAE_CLASS_REGISTRY
-from safetensors import safe_open
 
-from sae_gba.loading import CFG_FILENAME, WEIGHTS_FILENAME, read_sae_config
+from sae_gba.loading import (
+    CFG_FILENAME,
+    SPARSITY_FILENAME,
+    WEIGHTS_FILENAME,
+    read_sae_config,
+    verify_sae_folder,
+)
 
-SPARSITY_FILENAME = "sparsity.safetensors"
 RUNNER_CFG_FILENAME = "runner_cfg.json"
 OPTIONAL_FILENAMES = (SPARSITY_FILENAME, RUNNER_CFG_FILENAME)
 # Hub repo names: "namespace/name", alphanumerics and "-", "_", ".", no "--" or "..".
@@ -138,17 +142,18 @@ def inspect_sae_folder(path: str | Path) -> PublishedSae:
             "load an SAE that expects rescaled inputs; fold the factor into the weights "
             "first (the runner does this at the end of training)"
         )
+    try:
+        verify_sae_folder(folder, allow_extra_tensors=False)
+    except (FileNotFoundError, ValueError) as err:
+        raise PublishError(str(err)) from err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _check_shapes(cfg, folder)
         try:
-            sae = SAE.load_from_disk(folder, device="cpu")
+            SAE.load_from_disk(folder, device="cpu")
         except Exception as err:
             raise PublishError(
                 f"{folder}: plain SAELens cannot load this folder: {err}"
             ) from err
-    _check_finite(sae, folder)
-    _check_sparsity_file(folder, cfg["d_sae"])
     return PublishedSae(folder=folder, cfg=cfg)
 
 
@@ -177,61 +182,6 @@ def _plain_architectures() -> list[str]:
         for name, (sae_class, _) in SAE_CLASS_REGISTRY.items()
         if sae_class.__module__.startswith("sae_lens.")
     ]
-
-
-def _check_shapes(cfg: dict[str, Any], folder: Path) -> None:
-    expected = {
-        name: tuple(tensor.shape)
-        for name, tensor in SAE.from_dict({**cfg, "device": "meta"})
-        .state_dict()
-        .items()
-    }
-    with safe_open(folder / WEIGHTS_FILENAME, framework="pt") as weights:
-        found = {
-            name: tuple(weights.get_slice(name).get_shape())
-            for name in weights.keys()  # noqa: SIM118
-        }
-    problems = [
-        f"{name} has shape {found[name]}, expected {shape}"
-        for name, shape in expected.items()
-        if name in found and found[name] != shape
-    ]
-    if missing := sorted(set(expected) - set(found)):
-        problems.append(f"missing tensors {missing}")
-    if extra := sorted(set(found) - set(expected)):
-        problems.append(f"unexpected tensors {extra}")
-    if problems:
-        raise PublishError(
-            f"{folder / WEIGHTS_FILENAME} does not match {CFG_FILENAME} (architecture "
-            f"{cfg['architecture']!r}, d_in={cfg['d_in']}, d_sae={cfg['d_sae']}): "
-            + "; ".join(problems)
-        )
-
-
-def _check_finite(sae: SAE[Any], folder: Path) -> None:
-    problems = []
-    for name, tensor in sae.state_dict().items():
-        if tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                problems.append(f"{name} has {bad} NaN/Inf values of {tensor.numel()}")
-    if problems:
-        raise PublishError(f"{folder / WEIGHTS_FILENAME}: " + "; ".join(problems))
-
-
-def _check_sparsity_file(folder: Path, d_sae: int) -> None:
-    path = folder / SPARSITY_FILENAME
-    if not path.is_file():
-        return
-    try:
-        with safe_open(path, framework="pt") as file:
-            shape = tuple(file.get_slice("sparsity").get_shape())
-    except Exception as err:
-        raise PublishError(
-            f"{path} is not a safetensors file holding a 'sparsity' tensor: {err}"
-        ) from err
-    if shape != (d_sae,):
-        raise PublishError(f"{path}: 'sparsity' has shape {shape}, expected ({d_sae},)")
 
 
 def assign_sae_ids(
@@ -450,14 +400,22 @@ def stage_release(
         revision: the branch (for the model card).
     """
     staging = _require_empty(staging_dir)
-    staging.mkdir(parents=True, exist_ok=True)
-    for sae in saes:
-        target = staging / sae.sae_id
-        target.mkdir()
-        for name in _files_to_stage(sae):
-            if (sae.folder / name).is_file():
-                shutil.copy2(sae.folder / name, target / name)
-    (staging / "README.md").write_text(model_card(repo_id, saes, revision))
+    # Staged beside it and renamed into place: an interrupted run leaves no half
+    # release that a later upload could pick up.
+    tmp = staging.with_name(f".{staging.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for sae in saes:
+            target = tmp / sae.sae_id
+            target.mkdir()
+            for name in _files_to_stage(sae):
+                if (sae.folder / name).is_file():
+                    shutil.copy2(sae.folder / name, target / name)
+        (tmp / "README.md").write_text(model_card(repo_id, saes, revision))
+        os.replace(tmp, staging)  # staging is absent or an empty folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return staging
 
 

@@ -1,25 +1,47 @@
-"""Training any SAELens training SAE on tensors with SAELens's own ``SAETrainer``.
+"""Resumable training with SAELens's own ``SAETrainer`` and training runner.
 
-Used by the synthetic lab, the comparison runs and the tests: the data provider is
-deterministic and resumable, and checkpoints are written atomically (a temporary
-folder renamed into place), so an interrupted run loses nothing and a resumed run
-ends with the same weights as an uninterrupted one.
+- :class:`TensorDataProvider` feeds in-memory activations (the synthetic lab, the
+  comparison runs, the tests); :class:`ActivationStream` feeds SAELens's
+  ``ActivationsStore`` (model activations). Both save their exact position.
+- :func:`save_checkpoint_atomically` / :func:`resume_from_checkpoint` write and read a
+  checkpoint: SAE (with the GBA and weighting state in its buffers), optimizer,
+  scheduler, trainer counters and data position, written to a temporary sibling and
+  renamed into place, so a killed writer leaves the previous checkpoint.
+- :class:`CheckpointedFit` runs ``trainer.fit()`` with a checkpoint every few minutes
+  and one on Ctrl-C or SIGTERM; :class:`ResumableRunner` is SAELens's
+  ``LanguageModelSAETrainingRunner`` with those and an atomic final SAE folder.
+
+A resumed run ends with the same weights as an uninterrupted one (same seed, CPU).
 """
 
+import contextlib
+import inspect
+import itertools
 import json
-import os
 import shutil
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.mixing_buffer import mixing_buffer
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from typing_extensions import override
+
+from sae_gba.atomic import replace_folder
+from sae_gba.gba_sae import _check_finite as check_finite
 
 DATA_STATE_FILENAME = "data_provider_state.json"
+STREAM_TENSORS_FILENAME = "activation_stream.safetensors"
+STREAM_STATE_FILENAME = "activation_stream.json"
+RUNNER_CFG_FILENAME = "runner_cfg.json"
+CHECKPOINT_PREFIX = "step_"
 
 
 class TensorDataProvider(Iterator[torch.Tensor]):
@@ -74,6 +96,82 @@ class TensorDataProvider(Iterator[torch.Tensor]):
         )
         self._order = self._permutation()
 
+    def save_state(self, folder: Path) -> None:
+        """Write the position into a checkpoint folder."""
+        (folder / DATA_STATE_FILENAME).write_text(json.dumps(self.state_dict()))
+
+    def load_state(self, folder: Path) -> None:
+        """Continue from the position saved in a checkpoint folder."""
+        self.load_state_dict(json.loads((folder / DATA_STATE_FILENAME).read_text()))
+
+
+class ActivationStream(Iterator[torch.Tensor]):
+    """Batches from an SAELens ``ActivationsStore``, with an exactly resumable position.
+
+    SAELens's store checkpoints only how many dataset rows it has read: the
+    activations waiting in its mixing buffer and the random state that shuffles them
+    are lost, so a run resumed through it trains on other batches. This stream also
+    saves those, and a log of the store's token reads; a resumed stream re-reads the
+    dataset up to the same place (no model forward) and then yields exactly the
+    batches the uninterrupted stream would have.
+
+    Args:
+        store: the runner's ``ActivationsStore``, before any batch was drawn.
+    """
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.token_reads: list[tuple[int | None, bool]] = []
+        self._read_tokens = store.get_batch_tokens
+
+        def logged_read(
+            batch_size: int | None = None,
+            raise_at_epoch_end: bool = False,
+            move_to_model_device: bool = True,
+        ) -> torch.Tensor:
+            self.token_reads.append((batch_size, raise_at_epoch_end))
+            return self._read_tokens(
+                batch_size, raise_at_epoch_end, move_to_model_device
+            )
+
+        store.get_batch_tokens = logged_read
+
+    def __next__(self) -> torch.Tensor:
+        return next(self.store)
+
+    def save_state(self, folder: Path) -> None:
+        """Write the token-read log, the mixing buffer and the random state."""
+        tensors = {"rng_state": torch.get_rng_state()}
+        state: dict[str, Any] = {"token_reads": self.token_reads}
+        if self.store._dataloader is not None:
+            storage, unserved, state["mixing"] = _mixing_state(self.store._dataloader)
+            tensors.update(storage=storage, unserved=unserved)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            folder / STREAM_TENSORS_FILENAME,
+        )
+        (folder / STREAM_STATE_FILENAME).write_text(json.dumps(state))
+
+    def load_state(self, folder: Path) -> None:
+        """Continue from the position saved by :meth:`save_state` (fresh store only)."""
+        state = json.loads((folder / STREAM_STATE_FILENAME).read_text())
+        tensors = load_file(folder / STREAM_TENSORS_FILENAME)
+        for batch_size, raise_at_epoch_end in state["token_reads"]:
+            # A read that ended an epoch ends it here too.
+            with contextlib.suppress(StopIteration):
+                self._read_tokens(batch_size, raise_at_epoch_end, False)
+        self.token_reads = [tuple(read) for read in state["token_reads"]]
+        if "mixing" in state:
+            device = self.store.device
+            rest = tensors["unserved"].to(device)
+            self.store._dataloader = _ResumedMixing(
+                list(rest.split(state["mixing"]["batch_size"])) if len(rest) else [],
+                tensors["storage"].to(device),
+                self.store,
+                state["mixing"],
+            )
+        torch.set_rng_state(tensors["rng_state"])
+
 
 def make_trainer(
     sae: TrainingSAE[Any],
@@ -108,43 +206,276 @@ def make_trainer(
     return SAETrainer(cfg=cfg, sae=sae, data_provider=data_provider)
 
 
+class _ResumedMixing(Iterator[torch.Tensor]):
+    """SAELens's mixing buffer as a checkpoint left it: the batches it had not served
+    yet, then the buffer again, starting from the activations it kept for mixing."""
+
+    def __init__(
+        self,
+        unserved: list[torch.Tensor],
+        storage: torch.Tensor,
+        store: Any,
+        mixing: dict[str, Any],
+    ):
+        self.unserved, self.storage, self.store = unserved, storage, store
+        self.mixing = mixing
+        self.generator: Iterator[torch.Tensor] | None = None
+
+    def __next__(self) -> torch.Tensor:
+        if self.unserved:
+            return self.unserved.pop(0)
+        if self.generator is None:
+            loader = itertools.chain(
+                [self.storage], self.store._iterate_filtered_activations()
+            )
+            self.generator = mixing_buffer(activations_loader=loader, **self.mixing)
+        return next(self.generator)
+
+
+def _mixing_state(
+    loader: Any,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(kept activations, unserved batches, buffer settings) of a mixing buffer."""
+    if isinstance(loader, _ResumedMixing):
+        if loader.generator is None:
+            rest = loader.unserved or [loader.storage[:0]]
+            return loader.storage, torch.cat(rest), loader.mixing
+        loader = loader.generator
+    # The generator is paused at a yield: its locals are its state. torch.no_grad
+    # wraps it in a generator that holds it as ``gen``.
+    inner = inspect.getgeneratorlocals(loader).get("gen", loader)
+    local = inspect.getgeneratorlocals(inner)
+    size = local["batch_size"]
+    served = (local["batch_idx"] + 1) * size
+    end = local["num_serving_batches"] * size
+    mixing = {k: local[k] for k in ("buffer_size", "batch_size", "mix_fraction")}
+    return local["storage_buffer"], local["serving_buffer"][served:end], mixing
+
+
 def save_checkpoint_atomically(
-    trainer: SAETrainer[Any, Any], data_provider: TensorDataProvider, path: str | Path
+    trainer: SAETrainer[Any, Any], data_provider: Any, path: str | Path
 ) -> Path:
     """Write SAE, trainer and data state to ``path`` via a temporary sibling folder.
 
     Args:
         trainer: the trainer to checkpoint (its SAE keeps the GBA adaptation state).
-        data_provider: the data provider, whose position is saved beside it.
+        data_provider: a :class:`TensorDataProvider` or :class:`ActivationStream`,
+            whose position is saved beside it.
         path: the checkpoint folder; replaced if it exists.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_checkpoint(checkpoint_name=tmp.name, base_path=tmp.parent)
-    (tmp / DATA_STATE_FILENAME).write_text(json.dumps(data_provider.state_dict()))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    data_provider.save_state(tmp)
+    replace_folder(tmp, path)
     return path
 
 
 def resume_from_checkpoint(
-    trainer: SAETrainer[Any, Any], data_provider: TensorDataProvider, path: str | Path
+    trainer: SAETrainer[Any, Any], data_provider: Any, path: str | Path
 ) -> None:
     """Restore what ``save_checkpoint_atomically`` wrote, so training continues exactly.
 
     Args:
         trainer: a freshly built trainer around a freshly built SAE of the same config.
-        data_provider: a fresh provider over the same activations.
+        data_provider: a fresh provider over the same data.
         path: the checkpoint folder.
     """
     path = Path(path)
-    for name in ("sae_weights.safetensors", "trainer_state.pt", DATA_STATE_FILENAME):
+    for name in ("sae_weights.safetensors", "trainer_state.pt"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint {path} is missing {name}")
     trainer.load_trainer_state(path)
     state_dict = load_file(path / "sae_weights.safetensors")
     trainer.sae.process_state_dict_for_loading(state_dict)
     trainer.sae.load_state_dict(state_dict)
-    data_provider.load_state_dict(json.loads((path / DATA_STATE_FILENAME).read_text()))
+    data_provider.load_state(path)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint of the most training steps in ``folder`` (None: there is none)."""
+    found = sorted(Path(folder).glob(f"{CHECKPOINT_PREFIX}*"))
+    return found[-1] if found else None
+
+
+class CheckpointedFit(Iterator[torch.Tensor]):
+    """Runs ``trainer.fit()`` with a checkpoint every ``interval_s`` and on Ctrl-C.
+
+    It stands between the trainer and its data: the trainer asks it for each batch
+    once the previous step is complete, which is when a checkpoint is consistent.
+    Ctrl-C or SIGTERM finish the current step, write a checkpoint and raise
+    ``KeyboardInterrupt``; a second Ctrl-C stops at once. Only the newest checkpoint
+    (``folder/step_<n>``) is kept.
+
+    Args:
+        trainer: the trainer; its ``data_provider`` is replaced by this object.
+        data: what the trainer drew from (with ``save_state``/``load_state``).
+        folder: where checkpoints go.
+        interval_s: seconds between checkpoints.
+    """
+
+    def __init__(
+        self,
+        trainer: SAETrainer[Any, Any],
+        data: Any,
+        folder: str | Path,
+        interval_s: float = 300.0,
+    ):
+        self.trainer, self.data, self.folder = trainer, data, Path(folder)
+        self.interval_s = interval_s
+        self.saved_steps = trainer.n_training_steps
+        self.saved_at = time.monotonic()
+        self.stop = False
+        trainer.data_provider = self
+
+    def resume(self) -> Path | None:
+        """Continue from the newest checkpoint in the folder, if there is one."""
+        path = latest_checkpoint(self.folder)
+        if path is not None:
+            resume_from_checkpoint(self.trainer, self.data, path)
+            self.saved_steps = self.trainer.n_training_steps
+        return path
+
+    def __next__(self) -> torch.Tensor:
+        due = self.stop or time.monotonic() - self.saved_at >= self.interval_s
+        if due and self.trainer.n_training_steps > self.saved_steps:
+            self.checkpoint()
+        if self.stop:
+            raise KeyboardInterrupt
+        batch = next(self.data)
+        # Stop at the step that would train on them, whatever the architecture.
+        check_finite(batch, self.trainer.n_training_steps)
+        return batch
+
+    def checkpoint(self) -> Path:
+        """Write a checkpoint now and drop the older ones."""
+        steps = self.trainer.n_training_steps
+        path = self.folder / f"{CHECKPOINT_PREFIX}{steps:09d}"
+        save_checkpoint_atomically(self.trainer, self.data, path)
+        for old in self.folder.glob(f"{CHECKPOINT_PREFIX}*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        self.saved_steps, self.saved_at = steps, time.monotonic()
+        return path
+
+    def fit(self) -> Any:
+        """``trainer.fit()`` with the signal handlers in place."""
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self.stop:
+                raise KeyboardInterrupt
+            self.stop = True
+
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:
+            pass  # not the main thread: no handlers, Ctrl-C stops at once
+        try:
+            return self.trainer.fit()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class ResumableRunner(LanguageModelSAETrainingRunner):
+    """SAELens's training runner with exact resume and nothing half-written.
+
+    Differences from ``LanguageModelSAETrainingRunner``: checkpoints (every
+    ``checkpoint_interval_s``, and on Ctrl-C/SIGTERM) go to ``checkpoint_dir``
+    atomically and carry the exact data position (:class:`ActivationStream`);
+    ``resume=True`` continues from the newest one after checking that the
+    configuration is the one it was written with; the final SAE folder is written
+    beside ``output_path`` and renamed into place. (SAELens's own interruption
+    handler saves only the data position, into a folder it never creates.)
+
+    Args:
+        cfg: the runner config (``prefetch_llm_batches`` must be off).
+        checkpoint_dir: the checkpoint folder.
+        resume: continue from the newest checkpoint in ``checkpoint_dir``.
+        checkpoint_interval_s: seconds between checkpoints.
+        **kwargs: ``override_model``, ``override_dataset``, ``override_sae``.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        checkpoint_dir: str | Path,
+        resume: bool = False,
+        checkpoint_interval_s: float = 300.0,
+        **kwargs: Any,
+    ):
+        if cfg.prefetch_llm_batches:
+            raise ValueError(
+                "prefetch_llm_batches must be off for a resumable run (the prefetch "
+                "thread's position cannot be saved)"
+            )
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.resume = resume
+        self.checkpoint_interval_s = checkpoint_interval_s
+        if resume and (path := latest_checkpoint(self.checkpoint_dir)) is not None:
+            check_same_config(cfg, path / RUNNER_CFG_FILENAME)
+        super().__init__(cfg, **kwargs)
+
+    @override
+    def run_trainer_with_interruption_handling(self, trainer: Any) -> Any:
+        stream = ActivationStream(self.activations_store)
+        fit = CheckpointedFit(
+            trainer, stream, self.checkpoint_dir, self.checkpoint_interval_s
+        )
+        if self.resume:
+            fit.resume()
+        return fit.fit()
+
+    @override
+    def save_final_sae(
+        self,
+        sae: TrainingSAE[Any],
+        output_path: str,
+        log_feature_sparsity: torch.Tensor | None = None,
+    ) -> None:
+        out = Path(output_path)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        super().save_final_sae(sae, str(tmp), log_feature_sparsity)
+        replace_folder(tmp, out)
+
+
+def config_differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
+    """``field: saved -> wanted`` for every (nested) field whose value differs."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [
+            diff
+            for key in sorted(set(saved) | set(wanted))
+            for diff in config_differences(
+                saved.get(key), wanted.get(key), f"{prefix}{key}."
+            )
+        ]
+    if saved == wanted:
+        return []
+    return [f"{prefix.rstrip('.')}: {saved!r} -> {wanted!r}"]
+
+
+def check_same_config(cfg: Any, saved_path: Path) -> None:
+    """Refuse to resume under another configuration than the checkpoint's.
+
+    Args:
+        cfg: the runner config of this run.
+        saved_path: the checkpoint's ``runner_cfg.json``.
+    """
+    saved = json.loads(saved_path.read_text())
+    wanted = json.loads(json.dumps(cfg.to_dict()))
+    # Where the run's files go is not its configuration (SAELens even appends a
+    # random id to checkpoint_path), and a run folder may have been moved.
+    for config in (saved, wanted):
+        config.pop("checkpoint_path", None)
+        config.pop("output_path", None)
+    if differences := config_differences(saved, wanted):
+        raise ValueError(
+            f"cannot resume from {saved_path.parent}: it was written with another "
+            f"configuration ({'; '.join(differences)}); resume with the same "
+            "settings or start over"
+        )

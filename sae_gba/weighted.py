@@ -62,7 +62,12 @@ from safetensors.torch import save_file
 from typing_extensions import override
 
 from sae_gba.buffers import keep_float32
-from sae_gba.gba_sae import GBATrainingSAE, GBATrainingSAEConfig
+from sae_gba.gba_sae import (
+    MIN_RELATIVE_SPREAD,
+    GBATrainingSAE,
+    GBATrainingSAEConfig,
+    _check_finite,
+)
 
 # Type checkers see the mixins as what they extend; at run time they are plain mixins.
 if TYPE_CHECKING:
@@ -342,8 +347,19 @@ class WeightedTrainingMixin(_TrainingBase):
         self.variance_count.fill_(total)
         self.variance_batches += 1
         if int(self.variance_batches) >= self.cfg.weight_estimation_batches:
+            variance = self.estimated_variance
+            spread = variance.sum().sqrt()
+            size = (self.variance_mean.square().sum() + variance.sum()).sqrt()
+            if 0 < spread <= MIN_RELATIVE_SPREAD * size:  # exactly 0: see below
+                raise ValueError(
+                    f"cannot set the input weights from the first "
+                    f"{int(self.variance_batches)} training batches ({total} rows): "
+                    f"they are (nearly) constant (spread {float(spread):.3g}, size "
+                    f"{float(size):.3g}); shuffle the data so the first batches are "
+                    "representative, or give the weights (weights_path)"
+                )
             try:
-                weights = input_weights(self.estimated_variance, self.cfg.weight_alpha)
+                weights = input_weights(variance, self.cfg.weight_alpha)
             except ValueError as err:
                 raise ValueError(
                     f"cannot set the input weights from the first "
@@ -354,6 +370,8 @@ class WeightedTrainingMixin(_TrainingBase):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        # SAELens's bases would train on NaN/Inf inputs without a word.
+        _check_finite(step_input.sae_in, step_input.n_training_steps)
         output = super().training_forward_pass(step_input)
         # Lambdas: SAELens evaluates them only on the steps it logs.
         output.metrics |= {

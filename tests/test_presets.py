@@ -203,28 +203,36 @@ def test_train_preset_reads_local_folders(tmp_path, gemma2):
         train_preset(SMALL, tmp_path / "bad", model_path=str(gemma2[0]), layer=5)
 
 
-def test_cli_train_passes_its_options(monkeypatch, tmp_path):
+def test_cli_train_passes_its_options(monkeypatch, tmp_path, gemma2, capsys):
     calls = []
     monkeypatch.setattr(
         "sae_gba.presets.train_preset", lambda *a, **k: calls.append((a, k))
     )
-    out = str(tmp_path)
-    main(["train", "--preset", "gemma-2-2b", "--out", out, "--model-path", "m"])
-    main(["train", "--preset", "gemma-2-2b", "--out", out, "--d-sae", "256"])
-    (args, kwargs), (_, sized) = calls
-    assert args == (GEMMA_2_2B, str(tmp_path))
+    model = str(gemma2[0])
+    out = str(tmp_path / "a")
+    main(["train", "--preset", "gemma-2-2b", "--out", out, "--model-path", model])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--resume", out, "--d-sae", "256"])
+    assert exit_info.value.code == 2
+    assert "--d-sae 256 (the run has None)" in capsys.readouterr().err
+    main(["train", "--resume", out])
+    (args, kwargs), (_, resumed) = calls
+    assert args == (GEMMA_2_2B, tmp_path / "a")
     assert kwargs == {
-        "model_path": "m",
+        "model_path": model,
         "dataset_path": None,
         "d_sae": None,
         "training_tokens": None,
         "layer": None,
         "device": "cpu",
         "architecture": "gba",
+        "resume": False,
+        "checkpoint_interval_s": 300.0,
     }
-    assert sized["d_sae"] == 256
+    assert resumed == {**kwargs, "resume": True}
+    out = str(tmp_path / "b")
     main(["train", "--preset", "embedded", "--out", out, "--architecture", "topk"])
-    main(["train", "--preset", "embedded", "--out", out, "--k", "32"])
+    main(["train", "--preset", "embedded", "--out", out, "--k", "32", "--overwrite"])
     assert calls[2][1]["architecture"] == "topk" and "k" not in calls[2][1]
     assert calls[3][1]["k"] == 32
     with pytest.raises(SystemExit):

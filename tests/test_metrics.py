@@ -199,6 +199,7 @@ def test_wandb_offline__metrics_reach_the_run_files(tmp_path, monkeypatch):
                 "d_in": 32,
                 "d_sae": 64,
                 "n_groups": 4,
+                "high_target_freq": 0.5,
                 "adaptation_interval": 5,
             },
             str(tmp_path / "out"),

@@ -178,6 +178,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     compare.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     compare.add_argument("--seed", type=int, default=0, help="training seed")
+    inspect = commands.add_parser(
+        "inspect",
+        help="write a static HTML page of an SAE's latents on its model's held-out "
+        "text (top contexts, activation histograms, promoted tokens)",
+    )
+    inspect.add_argument("sae_dir", metavar="SAE_DIR", help="any SAELens SAE folder")
+    inspect.add_argument("--out", required=True, help="output folder (OUT/index.html)")
+    inspect.add_argument(
+        "--latents",
+        default="frequent",
+        help="frequent, random, groups (a sample from every GBA group) or "
+        "comma-separated latent ids (default: frequent)",
+    )
+    inspect.add_argument(
+        "--n-latents", type=int, default=48, help="latents shown (default: 48)"
+    )
+    inspect.add_argument(
+        "--model-path", help="local Hugging Face folder of the SAE's model (Gemma-2)"
+    )
+    inspect.add_argument(
+        "--dataset-path", help="held-out data folder (save_to_disk) to use instead"
+    )
+    inspect.add_argument(
+        "--n-windows", type=int, help="use only the first windows (default: all)"
+    )
+    inspect.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    inspect.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -311,6 +338,33 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(json.dumps(result["acceptance"], indent=1))
         print(f"wrote {args.out} and its PNG")
+
+    elif args.command == "inspect":
+        from sae_gba.latent_page import PageOptions, inspect_sae
+
+        latents = args.latents
+        if latents not in ("frequent", "random", "groups"):
+            try:
+                latents = [int(i) for i in latents.split(",") if i.strip()]
+            except ValueError:
+                inspect.error(
+                    f"--latents {args.latents!r}: expected frequent, random, groups "
+                    "or comma-separated latent ids"
+                )
+        try:
+            page = inspect_sae(
+                args.sae_dir,
+                args.out,
+                PageOptions(latents=latents, n_latents=args.n_latents),
+                model_path=args.model_path,
+                dataset_path=args.dataset_path,
+                n_windows=args.n_windows,
+                device=args.device,
+                progress=not args.quiet,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            inspect.error(str(err))
+        print(f"wrote {page}")
 
 
 if __name__ == "__main__":

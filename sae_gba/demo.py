@@ -22,6 +22,7 @@ from sae_gba.embedded import (
     EMBEDDED_MODEL_NAME,
     embedded_token_dataset,
     load_embedded_model,
+    require_demo_extra,
 )
 from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
 
@@ -157,6 +158,7 @@ def plot_frequencies(
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Train, measure and write the demo's outputs; returns the summary."""
+    require_demo_extra()  # before minutes of work, not at the final plot
     start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Trains through SAELens's ``LanguageModelSAETrainingRunner`` on the training articles
 of the embedded Wikipedia slice, then measures the SAE on held-out articles and
-writes the SAE folder, ``summary.json`` and ``firing_frequencies.png``.
+writes the SAE folder, ``summary.json``, ``firing_frequencies.png`` and the latent
+page ``latents/index.html`` (``sae_gba.latent_page``).
 """
 
 import json
@@ -24,7 +25,11 @@ from sae_gba.embedded import (
     load_embedded_model,
     require_demo_extra,
 )
+from sae_gba.known_warnings import known_warnings_silenced
+from sae_gba.latent_page import PageOptions, build_latent_page
 from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
+
+PHASES = ("load the model", "train", "held-out metrics", "latent page")
 
 
 @dataclass
@@ -156,6 +161,11 @@ def plot_frequencies(
     plt.close(fig)
 
 
+def _phase(index: int) -> None:
+    tqdm.write(f"[{index + 1}/{len(PHASES)}] {PHASES[index]}")
+
+
+@known_warnings_silenced()
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Train, measure and write the demo's outputs; returns the summary."""
     require_demo_extra()  # before minutes of work, not at the final plot
@@ -173,11 +183,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         layer=cfg.layer,
         adaptation_interval=cfg.adaptation_interval,
     )
+    _phase(0)
     model = load_embedded_model(dtype=getattr(torch, cfg.lm_dtype))
     train = embedded_token_dataset("train", preset.context_size).shuffle(seed=cfg.seed)
     runner = LanguageModelSAETrainingRunner(
         runner_cfg, override_model=model, override_dataset=train
     )
+    _phase(1)
     train_start = time.time()
     sae = runner.run()
     train_seconds = time.time() - train_start
@@ -203,10 +215,24 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         gba.low_target_freq,
         out / "firing_frequencies.png",
     )
-    held_out = embedded_token_dataset("held_out", preset.context_size)
-    eval_tokens = torch.tensor(held_out["tokens"][: cfg.eval_windows])
+    _phase(2)
+    held_out = torch.tensor(
+        embedded_token_dataset("held_out", preset.context_size)["tokens"]
+    )
     exported = SAE.load_from_disk(sae_dir)
-    metrics = held_out_metrics(exported, model, runner_cfg.hook_name, eval_tokens)
+    metrics = held_out_metrics(
+        exported, model, runner_cfg.hook_name, held_out[: cfg.eval_windows]
+    )
+    _phase(3)
+    build_latent_page(
+        exported,
+        model,
+        held_out,
+        out / "latents",
+        PageOptions(latents="groups", n_latents=4 * gba.n_groups, seed=cfg.seed),
+        title=f"sae-gba demo: GBA on Gemma-3-270M {runner_cfg.hook_name}",
+        data_label="the held-out Wikipedia articles",
+    )
     summary = {
         "config": asdict(cfg),
         "model": EMBEDDED_MODEL_NAME,

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from sae_gba.known_warnings import known_warnings_silenced
+
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
@@ -445,6 +447,7 @@ def _render(**context: Any) -> str:
     return env.get_template("latent_page.html.j2").render(**context)
 
 
+@known_warnings_silenced()
 def inspect_sae(
     sae_dir: str | Path,
     out: str | Path,

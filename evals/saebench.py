@@ -307,6 +307,7 @@ def run_core(
     settings: EvalSettings = EvalSettings(),
     sae_name: str = "sae",
     data_label: str = "in-memory tokens",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """SAEBench's core eval of ``sae`` on ``tokens``; writes SAEBench's result JSON.
 
@@ -322,6 +323,8 @@ def run_core(
         settings: token counts and batch size.
         sae_name: the SAE's name in SAEBench's output.
         data_label: what the tokens are, recorded in the output.
+        progress: show SAEBench's bars over the reconstruction and the sparsity
+            batches.
 
     Returns:
         SAEBench's metrics by category, the JSON path and the token counts.
@@ -354,7 +357,7 @@ def run_core(
         device=str(sae.device),
     )
     scalar, per_latent = core.run_evals(
-        sae, store, model, eval_config=config, ignore_tokens=ignore
+        sae, store, model, eval_config=config, ignore_tokens=ignore, verbose=progress
     )
     scalar["misc_metrics"] = core.calculate_misc_metrics(per_latent)
     result = core.replace_nans_with_negative_one(
@@ -441,6 +444,7 @@ def evaluate(
     device: str = "cpu",
     preset: str | None = None,
     model: HookedTransformer | None = None,
+    progress: bool = True,
     **settings_fields: Any,
 ) -> dict[str, Any]:
     """Run SAEBench evals on an SAELens SAE folder; write their JSON and ``summary.md``.
@@ -456,6 +460,7 @@ def evaluate(
         device: torch device.
         preset: a key of :data:`EVAL_PRESETS`; None picks it from the SAE's model.
         model: an already loaded model (used as it is, in its dtype, for both evals).
+        progress: show a bar for each phase (core's batches, absorption's stages).
         **settings_fields: :class:`EvalSettings` fields overriding the preset's.
     """
     from sae_bench.sae_bench_utils.general_utils import str_to_dtype
@@ -501,6 +506,7 @@ def evaluate(
             settings=settings,
             sae_name=sae_name,
             data_label=label,
+            progress=progress,
         )
         timings["core_s"] = time.perf_counter() - start
     if "absorption" in evals:

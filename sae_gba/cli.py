@@ -6,6 +6,7 @@ from dataclasses import fields
 
 from sae_gba.demo import DemoConfig
 from sae_gba.presets import PRESETS
+from sae_gba.progress import progress_bars
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, config_class: type) -> None:
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=["imbalanced", "uniform", "longtail"],
         help="ablate only: the data preset (default: imbalanced)",
     )
+    synth.add_argument("--quiet", action="store_true", help="no progress bars")
     publish = commands.add_parser(
         "publish",
         help="check exported SAE folders and upload them to the Hugging Face Hub "
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "--preset", help="eval preset (default: from the SAE's model name)"
     )
     evaluate.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     bench = commands.add_parser(
         "bench", help="training throughput of GBA against SAELens's SAEs (JSON + PNG)"
     )
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="skip the embedded model's activation-harvest measurement",
     )
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
     compare = commands.add_parser(
         "compare",
         help="train GBA, TopK, BatchTopK, JumpReLU (and weighted) SAEs on the same "
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     compare.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     compare.add_argument("--seed", type=int, default=0, help="training seed")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
     inspect = commands.add_parser(
         "inspect",
         help="write a static HTML page of an SAE's latents on its model's held-out "
@@ -213,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         values = {f.name: getattr(args, f.name) for f in fields(DemoConfig)}
         summary = run_demo(DemoConfig(**values))
         print(json.dumps({k: summary[k] for k in ("held_out", "groups")}, indent=1))
-        print(f"wrote {values['out']}/summary.json and firing_frequencies.png")
+        print(
+            f"wrote {values['out']}/summary.json, firing_frequencies.png and the "
+            f"latent page {values['out']}/latents/index.html"
+        )
     elif args.command == "train":
         from sae_gba.presets import train_preset
 
@@ -242,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
                 if args.experiment != "ablate":
                     parser.error(f"--{name} applies to ablate only")
                 options[name] = value if name == "data" else value.split(",")
-        result = run_experiment(args.experiment, args.out, seeds=args.seeds, **options)
+        with progress_bars(not args.quiet):
+            result = run_experiment(
+                args.experiment, args.out, seeds=args.seeds, **options
+            )
         print(json.dumps(result, indent=1)[:4000])
     elif args.command == "publish":
         from sae_gba.publish import PublishError
@@ -282,16 +293,18 @@ def main(argv: list[str] | None = None) -> None:
         if options.get("absorption_words") == 0:
             options["absorption_words"] = None
         try:
-            report = run_evals(
-                args.sae_dir,
-                args.out,
-                [name.strip() for name in args.evals.split(",") if name.strip()],
-                model_path=args.model_path,
-                dataset_path=args.dataset_path,
-                device=args.device,
-                preset=args.preset,
-                **options,
-            )
+            with progress_bars(not args.quiet):
+                report = run_evals(
+                    args.sae_dir,
+                    args.out,
+                    [name.strip() for name in args.evals.split(",") if name.strip()],
+                    model_path=args.model_path,
+                    dataset_path=args.dataset_path,
+                    device=args.device,
+                    preset=args.preset,
+                    progress=not args.quiet,
+                    **options,
+                )
         except EvalError as err:
             evaluate.error(str(err))
         print(Path(report["summary"]).read_text())
@@ -310,18 +323,21 @@ def main(argv: list[str] | None = None) -> None:
             size = resolve_request(args.preset, args.size, None, ["core"])[1]
             if args.absorption_words is not None:
                 size = replace(size, absorption_words=args.absorption_words or None)
-            result = run_compare(
-                args.out,
-                preset=args.preset,
-                size=size,
-                methods=methods,
-                evals=[e.strip() for e in args.evals.split(",") if e.strip()],
-                model_path=args.model_path,
-                dataset_path=args.dataset_path,
-                device=args.device,
-                seed=args.seed,
-                command="sae-gba " + " ".join(sys.argv[1:] if argv is None else argv),
-            )
+            with progress_bars(not args.quiet):
+                result = run_compare(
+                    args.out,
+                    preset=args.preset,
+                    size=size,
+                    methods=methods,
+                    evals=[e.strip() for e in args.evals.split(",") if e.strip()],
+                    model_path=args.model_path,
+                    dataset_path=args.dataset_path,
+                    device=args.device,
+                    seed=args.seed,
+                    command="sae-gba "
+                    + " ".join(sys.argv[1:] if argv is None else argv),
+                    progress=not args.quiet,
+                )
         except CompareError as err:
             compare.error(str(err))
         print(result["gba_vs_topk"])
@@ -333,9 +349,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from evals.throughput import run_throughput
 
-        result = run_throughput(
-            args.out, harvest=not args.no_harvest, threads=args.threads
-        )
+        with progress_bars(not args.quiet):
+            result = run_throughput(
+                args.out,
+                harvest=not args.no_harvest,
+                threads=args.threads,
+            )
         print(json.dumps(result["acceptance"], indent=1))
         print(f"wrote {args.out} and its PNG")
 

@@ -26,7 +26,7 @@ from sae_gba.embedded import (
     require_demo_extra,
 )
 from sae_gba.known_warnings import known_warnings_silenced
-from sae_gba.latent_page import PageOptions, build_latent_page
+from sae_gba.latent_page import PageOptions, build_latent_page, hook_activations
 from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
 
 PHASES = ("load the model", "train", "held-out metrics", "latent page")
@@ -60,29 +60,14 @@ class DemoConfig:
 
 
 @torch.no_grad()
-def held_out_metrics(
-    sae: SAE[Any], model: Any, hook_name: str, tokens: torch.Tensor, batch: int = 16
-) -> dict[str, float]:
-    """L0 and explained variance on held-out windows, BOS positions excluded.
+def held_out_metrics(sae: SAE[Any], x: torch.Tensor) -> dict[str, float]:
+    """L0 and explained variance of ``sae`` on held-out activations.
 
     Args:
         sae: any SAELens SAE.
-        model: the HookedTransformer.
-        hook_name: the SAE's hook.
-        tokens: (n_windows, context) token ids, BOS first.
-        batch: windows per forward pass.
+        x: (n_tokens, d_in) float32 activations at its hook, BOS positions left out.
     """
-    layer = int(hook_name.split(".")[1])
     l0, legacy, sq_err, sq_var, n = 0.0, 0.0, 0.0, 0.0, 0
-    rows = []
-    for start in tqdm(range(0, len(tokens), batch), desc="held-out activations"):
-        _, cache = model.run_with_cache(
-            tokens[start : start + batch],
-            names_filter=hook_name,
-            stop_at_layer=layer + 1,
-        )
-        rows.append(cache[hook_name][:, 1:].reshape(-1, cache[hook_name].shape[-1]))
-    x = torch.cat(rows).float()
     mean = x.mean(dim=0)
     for chunk in x.split(4096):
         acts = sae.encode(chunk)
@@ -216,22 +201,22 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         out / "firing_frequencies.png",
     )
     _phase(2)
-    held_out = torch.tensor(
-        embedded_token_dataset("held_out", preset.context_size)["tokens"]
-    )
+    held_out = embedded_token_dataset("held_out", preset.context_size)
+    eval_tokens = torch.tensor(held_out["tokens"][: cfg.eval_windows])
+    # One forward pass serves the metrics and the latent page.
+    acts = hook_activations(model, runner_cfg.hook_name, eval_tokens, 16)
     exported = SAE.load_from_disk(sae_dir)
-    metrics = held_out_metrics(
-        exported, model, runner_cfg.hook_name, held_out[: cfg.eval_windows]
-    )
+    metrics = held_out_metrics(exported, acts[:, 1:].flatten(0, 1))
     _phase(3)
     build_latent_page(
         exported,
         model,
-        held_out,
+        eval_tokens,
         out / "latents",
         PageOptions(latents="groups", n_latents=4 * gba.n_groups, seed=cfg.seed),
         title=f"sae-gba demo: GBA on Gemma-3-270M {runner_cfg.hook_name}",
         data_label="the held-out Wikipedia articles",
+        activations=acts,
     )
     summary = {
         "config": asdict(cfg),

@@ -113,7 +113,7 @@ def hook_activations(
     rows = []
     for batch in tqdm(
         tokens.split(batch_windows),
-        desc="inspect: model activations",
+        desc="model activations",
         disable=not progress,
     ):
         _, cache = model.run_with_cache(
@@ -311,6 +311,7 @@ def build_latent_page(
     data_label: str = "held-out windows",
     batch_windows: int = 8,
     progress: bool = True,
+    activations: torch.Tensor | None = None,
 ) -> Path:
     """Write ``out/index.html`` for ``sae`` on ``tokens``; returns its path.
 
@@ -327,6 +328,8 @@ def build_latent_page(
         data_label: what ``tokens`` are, for the page.
         batch_windows: windows per model forward pass.
         progress: show progress bars.
+        activations: the hook's activations on ``tokens`` (:func:`hook_activations`)
+            when already computed; None runs the model.
     """
     options = options or PageOptions()
     hook_name = sae.cfg.metadata.hook_name
@@ -337,7 +340,14 @@ def build_latent_page(
             f"tokens must be a non-empty (n_windows, context) tensor, got shape "
             f"{tuple(tokens.shape)}"
         )
-    x = hook_activations(model, hook_name, tokens, batch_windows, progress)
+    x = activations
+    if x is None:
+        x = hook_activations(model, hook_name, tokens, batch_windows, progress)
+    if x.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"activations of shape {tuple(x.shape)} do not match tokens of shape "
+            f"{tuple(tokens.shape)}"
+        )
     if x.shape[-1] != sae.cfg.d_in:
         raise ValueError(
             f"{hook_name} has width {x.shape[-1]}; the SAE expects d_in={sae.cfg.d_in}"

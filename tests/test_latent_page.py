@@ -12,7 +12,12 @@ from conftest import runner_dict, save_word_tokenizer, tiny_model, token_dataset
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
 from sae_gba.cli import main
-from sae_gba.latent_page import PageOptions, build_latent_page, select_latents
+from sae_gba.latent_page import (
+    PageOptions,
+    build_latent_page,
+    hook_activations,
+    select_latents,
+)
 
 N_GROUPS, D_SAE, HOOK = 3, 96, "blocks.0.hook_resid_post"
 BROWSER = "/usr/bin/chromium"
@@ -183,6 +188,18 @@ def test_page__shows_each_chosen_latent_as_an_independent_count_says(trained, pa
         assert promoted[0] == model.tokenizer.decode([logits.argmax().item()])
         assert suppressed[0] == model.tokenizer.decode([logits.argmin().item()])
         assert len(promoted) == 8
+
+
+def test_page__from_given_activations_is_the_same_page(trained, page, tmp_path):
+    model, sae, tokens = trained
+    acts = hook_activations(model, HOOK, tokens, progress=False)
+    options = PageOptions(latents="groups", n_latents=9, top_contexts=5)
+    again = build_latent_page(
+        sae, model, tokens, tmp_path, options, progress=False, activations=acts
+    )
+    assert again.read_text() == page.read_text()
+    with pytest.raises(ValueError, match="do not match tokens"):
+        build_latent_page(sae, model, tokens[:3], tmp_path, activations=acts)
 
 
 def test_page__group_table_has_every_group_against_its_target(trained, page):

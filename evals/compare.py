@@ -113,7 +113,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from evals.saebench import EvalSettings, prepare_sae, run_core
+from evals.saebench import (
+    EvalError,
+    EvalSettings,
+    prepare_sae,
+    require_saebench,
+    run_core,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -1449,6 +1455,10 @@ def run_compare(
         What ``compare.json`` holds.
     """
     chosen, size, methods = resolve_request(preset, size, methods, evals)
+    try:
+        require_saebench()
+    except EvalError as err:
+        raise CompareError(str(err)) from err
     out = Path(out)
     # Settings of finished SAEs are checked before the model is even loaded.
     records = {

@@ -147,6 +147,17 @@ EVAL_PRESETS: dict[str, EvalSettings] = {
 }
 
 
+def require_saebench() -> None:
+    """Raise :class:`EvalError` naming sae-gba's evals extra if SAEBench is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("sae_bench") is None:
+        raise EvalError(
+            "SAEBench is not installed; it comes with sae-gba's evals extra: "
+            "pip install 'sae-gba[evals]'"
+        )
+
+
 def preset_for(model_name: str) -> str:
     """The eval preset for an SAE's model: "gemma-2-2b" for Gemma-2, else "embedded"."""
     return "gemma-2-2b" if "gemma-2-" in model_name else "embedded"
@@ -463,6 +474,7 @@ def evaluate(
         progress: show a bar for each phase (core's batches, absorption's stages).
         **settings_fields: :class:`EvalSettings` fields overriding the preset's.
     """
+    require_saebench()
     from sae_bench.sae_bench_utils.general_utils import str_to_dtype
 
     from sae_gba.loading import load_sae, read_sae_config

@@ -46,6 +46,12 @@ try:
     demo_error = None
 except ImportError as err:
     demo_error = str(err)
+from evals.saebench import EvalError, require_saebench
+try:
+    require_saebench()
+    evals_error = None
+except EvalError as err:
+    evals_error = str(err)
 template = importlib.resources.files("sae_gba") / "templates/latent_page.html.j2"
 print(json.dumps({
     "class": type(sae).__name__,
@@ -53,6 +59,7 @@ print(json.dumps({
     "loss_finite": bool(torch.isfinite(sae(x)).all()),
     "pulled": pulled,
     "demo_error": demo_error,
+    "evals_error": evals_error,
     "template": template.is_file(),
     "sae_gba_file": sae_gba.__file__,
 }))
@@ -88,3 +95,4 @@ def test_wheel__installs_without_extras_and_trains_a_gba_sae(tmp_path):
     assert report["template"]
     assert "pip install 'sae-gba[demo]'" in report["demo_error"]
     assert "gensim" in report["demo_error"]
+    assert "pip install 'sae-gba[evals]'" in report["evals_error"]

@@ -6,8 +6,10 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 from tqdm.auto import tqdm
 
+from sae_gba.cli import main
 from sae_gba.known_warnings import known_warnings_silenced
 from sae_gba.progress import progress_bars
 
@@ -77,3 +79,33 @@ def test_progress_bars__quiet_hides_every_bar_and_restores(capsys):
             pass
     err = capsys.readouterr().err
     assert "shown" in err and "3/3" in err
+
+
+@pytest.mark.parametrize(
+    ("target", "argv", "result"),
+    [
+        ("evals.synthetic_lab.run_experiment", ["synth", "imbalanced"], {}),
+        ("evals.throughput.run_throughput", ["bench", "throughput"], {"acceptance": 1}),
+        ("evals.compare.run_compare", ["compare"], {"gba_vs_topk": ""}),
+        ("evals.saebench.evaluate", ["eval", "SAE_DIR"], None),
+    ],
+)
+def test_cli_quiet__hides_the_bars_of_long_commands(
+    monkeypatch, tmp_path, target, argv, result
+):
+    summary = tmp_path / "summary.md"
+    summary.write_text("")
+    shown = []
+
+    def fake(*args, **kwargs):
+        bar = tqdm(total=1)
+        # Commands whose own bars follow a progress argument get it too.
+        shown.append((not bar.disable, kwargs.get("progress", not bar.disable)))
+        bar.close()
+        return result if result is not None else {"summary": str(summary)}
+
+    monkeypatch.setattr(target, fake)
+    out = ["--out", str(tmp_path / "out")]
+    main([*argv, *out])
+    main([*argv, *out, "--quiet"])
+    assert shown == [(True, True), (False, False)]

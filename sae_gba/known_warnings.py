@@ -17,6 +17,12 @@ _WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # the shortfall. The demo's 560k tokens read the 519k-token slice 1.08 times,
     # as its preset intends.
     (r"The training dataset contains fewer samples", UserWarning, r"sae_lens\."),
+    # ... and says so again when that second pass starts.
+    (
+        r"All samples in the training dataset have been exhausted",
+        UserWarning,
+        r"sae_lens\.",
+    ),
     # SAELens's ActivationsStore wraps rows that it formatted as tensors itself in
     # torch.tensor(); the copy is made and correct, only torch's advice is printed.
     (r"To copy construct from a tensor", UserWarning, r"sae_lens\."),

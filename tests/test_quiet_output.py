@@ -32,6 +32,11 @@ def test_known_warnings__silenced_inside_only_and_nothing_else():
             "it is recommended to use sourceTensor.detach().clone()",
         ),
         ("sae_lens.saes.sae", "\nThis SAE has non-empty model_from_pretrained_kwargs."),
+        (
+            "sae_lens.training.activations_store",
+            "All samples in the training dataset "
+            "have been exhausted, beginning new epoch.",
+        ),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -113,7 +113,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from evals.saebench import EvalSettings, prepare_sae, run_core
+from evals.saebench import (
+    EvalError,
+    EvalSettings,
+    prepare_sae,
+    require_saebench,
+    run_core,
+)
 from sae_gba.atomic import write_text_atomically
 from sae_gba.bias_adaptation import high_target_for_l0
 
@@ -1409,6 +1415,10 @@ def run_compare(
         What ``compare.json`` holds.
     """
     chosen, size, methods = resolve_request(preset, size, methods, evals)
+    try:
+        require_saebench()
+    except EvalError as err:
+        raise CompareError(str(err)) from err
     out = Path(out)
     # Settings of finished SAEs are checked before the model is even loaded.
     records = {

@@ -149,6 +149,17 @@ EVAL_PRESETS: dict[str, EvalSettings] = {
 }
 
 
+def require_saebench() -> None:
+    """Raise :class:`EvalError` naming sae-gba's evals extra if SAEBench is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("sae_bench") is None:
+        raise EvalError(
+            "SAEBench is not installed; it comes with sae-gba's evals extra: "
+            "pip install 'sae-gba[evals]'"
+        )
+
+
 def preset_for(model_name: str) -> str:
     """The eval preset for an SAE's model: "gemma-2-2b" for Gemma-2, else "embedded"."""
     return "gemma-2-2b" if "gemma-2-" in model_name else "embedded"
@@ -309,6 +320,7 @@ def run_core(
     settings: EvalSettings = EvalSettings(),
     sae_name: str = "sae",
     data_label: str = "in-memory tokens",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """SAEBench's core eval of ``sae`` on ``tokens``; writes SAEBench's result JSON.
 
@@ -324,6 +336,8 @@ def run_core(
         settings: token counts and batch size.
         sae_name: the SAE's name in SAEBench's output.
         data_label: what the tokens are, recorded in the output.
+        progress: show SAEBench's bars over the reconstruction and the sparsity
+            batches.
 
     Returns:
         SAEBench's metrics by category, the JSON path and the token counts.
@@ -356,7 +370,7 @@ def run_core(
         device=str(sae.device),
     )
     scalar, per_latent = core.run_evals(
-        sae, store, model, eval_config=config, ignore_tokens=ignore
+        sae, store, model, eval_config=config, ignore_tokens=ignore, verbose=progress
     )
     scalar["misc_metrics"] = core.calculate_misc_metrics(per_latent)
     result = core.replace_nans_with_negative_one(
@@ -443,6 +457,7 @@ def evaluate(
     device: str = "cpu",
     preset: str | None = None,
     model: HookedTransformer | None = None,
+    progress: bool = True,
     **settings_fields: Any,
 ) -> dict[str, Any]:
     """Run SAEBench evals on an SAELens SAE folder; write their JSON and ``summary.md``.
@@ -458,8 +473,10 @@ def evaluate(
         device: torch device.
         preset: a key of :data:`EVAL_PRESETS`; None picks it from the SAE's model.
         model: an already loaded model (used as it is, in its dtype, for both evals).
+        progress: show a bar for each phase (core's batches, absorption's stages).
         **settings_fields: :class:`EvalSettings` fields overriding the preset's.
     """
+    require_saebench()
     from sae_bench.sae_bench_utils.general_utils import str_to_dtype
 
     from sae_gba.loading import load_sae, read_sae_config
@@ -503,6 +520,7 @@ def evaluate(
             settings=settings,
             sae_name=sae_name,
             data_label=label,
+            progress=progress,
         )
         timings["core_s"] = time.perf_counter() - start
     if "absorption" in evals:

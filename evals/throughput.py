@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAE
+from tqdm.auto import tqdm
 
 import sae_gba  # noqa: F401  (registers gba and weighted_gba)
 from sae_gba.atomic import write_text_atomically
@@ -277,7 +278,8 @@ def harvest_rate(windows: int = 48, batch_windows: int = 16) -> dict[str, float]
     harvest(tokens[:batch_windows])  # warm-up
     start = time.perf_counter()
     n = 0
-    for i in range(batch_windows, batch_windows + windows, batch_windows):
+    starts = range(batch_windows, batch_windows + windows, batch_windows)
+    for i in tqdm(starts, desc="bench: harvest", unit="batch"):
         n += harvest(tokens[i : i + batch_windows]).shape[:2].numel()
     seconds = time.perf_counter() - start
     return {
@@ -307,7 +309,7 @@ def run_throughput(
     harvest: bool = True,
     threads: int | None = None,
     profile_gba: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = tqdm.write,
 ) -> dict[str, Any]:
     """Run the benchmark, write ``out`` (JSON) and the PNG beside it; returns the result.
 
@@ -319,7 +321,7 @@ def run_throughput(
         harvest: also measure the embedded model's harvest rate.
         threads: torch threads (default: all cores).
         profile_gba: add a one-step op profile to each plain ``gba`` row.
-        log: progress printer.
+        log: printer of each row's result (beside the progress bars).
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -348,6 +350,9 @@ def _measure(
     load_before = os.getloadavg()
     peaks = mm_rates(shapes)
     rows = []
+    bar = tqdm(
+        total=sum(len(_runs(s)) for s in shapes), desc="bench: steps", unit="run"
+    )
     for shape in shapes:
         data = synthetic_activations(BATCHES_OF_DATA * shape[2], shape[0])
         warmup, timed, timed_gba = steps.get(shape, (2, 5, 5))
@@ -360,6 +365,8 @@ def _measure(
                 f"{shape} {arch:12s} {gate_state or '':8s} "
                 f"{row['tokens_per_s']:9.0f} tok/s {row['gflops']:7.1f} GFLOP/s"
             )
+            bar.update()
+    bar.close()
     # The peak again at the end: under a varying load the best of both is fairer.
     peaks = [max(a, b) for a, b in zip(peaks, mm_rates(shapes), strict=True)]
     mm_peak = max(peaks)

@@ -321,7 +321,10 @@ def _demo(args: argparse.Namespace) -> _Job:
 
         summary = run_demo(DemoConfig(**values), args.resume, args.checkpoint_every)
         print(json.dumps({k: summary[k] for k in ("held_out", "groups")}, indent=1))
-        print(f"wrote {out}/summary.json and firing_frequencies.png")
+        print(
+            f"wrote {out}/summary.json, firing_frequencies.png and the latent page "
+            f"{out}/latents/index.html"
+        )
 
     command = f"sae-gba demo --out {out} --resume (and the same options)"
     return run, lambda: _partial_checkpoint(out, command)
@@ -343,8 +346,10 @@ def _synth(args: argparse.Namespace) -> _Job:
 
     def run() -> None:
         from evals.synthetic_lab import run_experiment
+        from sae_gba.progress import progress_bars
 
-        result = run_experiment(args.experiment, out, seeds=args.seeds, **options)
+        with progress_bars(not args.quiet):
+            result = run_experiment(args.experiment, out, seeds=args.seeds, **options)
         print(json.dumps(result, indent=1)[:4000])
 
     return run, None
@@ -405,17 +410,20 @@ def _eval(args: argparse.Namespace) -> _Job:
 
     def run() -> None:
         from evals.saebench import evaluate
+        from sae_gba.progress import progress_bars
 
-        report = evaluate(
-            args.sae_dir,
-            out,
-            [name.strip() for name in args.evals.split(",") if name.strip()],
-            model_path=args.model_path,
-            dataset_path=args.dataset_path,
-            device=args.device,
-            preset=args.preset,
-            **options,
-        )
+        with progress_bars(not args.quiet):
+            report = evaluate(
+                args.sae_dir,
+                out,
+                [name.strip() for name in args.evals.split(",") if name.strip()],
+                model_path=args.model_path,
+                dataset_path=args.dataset_path,
+                device=args.device,
+                preset=args.preset,
+                progress=not args.quiet,
+                **options,
+            )
         print(Path(report["summary"]).read_text())
 
     return run, None
@@ -453,19 +461,22 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> _Job:
 
     def run() -> None:
         from evals.compare import run_compare
+        from sae_gba.progress import progress_bars
 
-        result = run_compare(
-            out,
-            preset=args.preset,
-            size=size,
-            methods=methods,
-            evals=evals,
-            model_path=args.model_path,
-            dataset_path=args.dataset_path,
-            device=args.device,
-            seed=args.seed,
-            command="sae-gba " + " ".join(sys.argv[1:] if argv is None else argv),
-        )
+        with progress_bars(not args.quiet):
+            result = run_compare(
+                out,
+                preset=args.preset,
+                size=size,
+                methods=methods,
+                evals=evals,
+                model_path=args.model_path,
+                dataset_path=args.dataset_path,
+                device=args.device,
+                seed=args.seed,
+                command="sae-gba " + " ".join(sys.argv[1:] if argv is None else argv),
+                progress=not args.quiet,
+            )
         print(result["gba_vs_topk"])
         print(
             f"wrote {out}/compare.json, compare.md, ev_vs_l0.png, absorption_vs_l0.png"
@@ -484,10 +495,50 @@ def _bench(args: argparse.Namespace) -> _Job:
 
     def run() -> None:
         from evals.throughput import run_throughput
+        from sae_gba.progress import progress_bars
 
-        result = run_throughput(out, harvest=not args.no_harvest, threads=args.threads)
+        with progress_bars(not args.quiet):
+            result = run_throughput(
+                out, harvest=not args.no_harvest, threads=args.threads
+            )
         print(json.dumps(result["acceptance"], indent=1))
         print(f"wrote {out} and its PNG")
+
+    return run, None
+
+
+def _inspect(args: argparse.Namespace) -> _Job:
+    _positive("--n-latents", args.n_latents)
+    _positive("--n-windows", args.n_windows)
+    _sae_folder(args.sae_dir)
+    _existing_folder("--model-path", args.model_path, needs="config.json")
+    _existing_folder("--dataset-path", args.dataset_path)
+    _device(args.device)
+    latents: str | list[int] = args.latents
+    if latents not in ("frequent", "random", "groups"):
+        try:
+            latents = [int(i) for i in args.latents.split(",") if i.strip()]
+        except ValueError:
+            raise UsageError(
+                f"--latents {args.latents!r} is invalid: expected frequent, random, "
+                "groups or comma-separated latent ids"
+            ) from None
+    _writable_folder("--out", Path(args.out))
+
+    def run() -> None:
+        from sae_gba.latent_page import PageOptions, inspect_sae
+
+        page = inspect_sae(
+            args.sae_dir,
+            args.out,
+            PageOptions(latents=latents, n_latents=args.n_latents),
+            model_path=args.model_path,
+            dataset_path=args.dataset_path,
+            n_windows=args.n_windows,
+            device=args.device,
+            progress=not args.quiet,
+        )
+        print(f"wrote {page}")
 
     return run, None
 
@@ -690,6 +741,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     compare.add_argument("--seed", type=int, default=0, help="training seed")
+    inspect = commands.add_parser(
+        "inspect",
+        help="write a static HTML page of an SAE's latents on its model's held-out "
+        "text (top contexts, activation histograms, promoted tokens)",
+    )
+    inspect.add_argument("sae_dir", metavar="SAE_DIR", help="any SAELens SAE folder")
+    inspect.add_argument("--out", required=True, help="output folder (OUT/index.html)")
+    inspect.add_argument(
+        "--latents",
+        default="frequent",
+        help="frequent, random, groups (a sample from every GBA group) or "
+        "comma-separated latent ids (default: frequent)",
+    )
+    inspect.add_argument(
+        "--n-latents", type=int, default=48, help="latents shown (default: 48)"
+    )
+    inspect.add_argument(
+        "--model-path", help="local Hugging Face folder of the SAE's model (Gemma-2)"
+    )
+    inspect.add_argument(
+        "--dataset-path", help="held-out data folder (save_to_disk) to use instead"
+    )
+    inspect.add_argument(
+        "--n-windows", type=int, help="use only the first windows (default: all)"
+    )
+    inspect.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    for command in (synth, evaluate, bench, compare, inspect):
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -713,6 +792,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval": _eval,
         "compare": lambda a: _compare(a, argv),
         "bench": _bench,
+        "inspect": _inspect,
     }
     try:
         run, partial = checks[args.command](args)

@@ -2,7 +2,8 @@
 
 Trains through SAELens's ``LanguageModelSAETrainingRunner`` on the training articles
 of the embedded Wikipedia slice, then measures the SAE on held-out articles and
-writes the SAE folder, ``summary.json`` and ``firing_frequencies.png``.
+writes the SAE folder, ``summary.json``, ``firing_frequencies.png`` and the latent
+page ``latents/index.html`` (``sae_gba.latent_page``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sae_gba.known_warnings import known_warnings_silenced
 from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
 
 # Heavy libraries load inside the functions, so `sae-gba demo --help` stays fast.
 if TYPE_CHECKING:
     import torch
     from sae_lens.saes.sae import SAE
+
+PHASES = ("load the model", "train", "held-out metrics", "latent page")
 
 
 @dataclass
@@ -48,34 +52,18 @@ class DemoConfig:
     seed: int = EMBEDDED.seed
 
 
-def held_out_metrics(
-    sae: SAE[Any], model: Any, hook_name: str, tokens: torch.Tensor, batch: int = 16
-) -> dict[str, float]:
-    """L0 and explained variance on held-out windows, BOS positions excluded.
+def held_out_metrics(sae: SAE[Any], x: torch.Tensor) -> dict[str, float]:
+    """L0 and explained variance of ``sae`` on held-out activations.
 
     Args:
         sae: any SAELens SAE.
-        model: the HookedTransformer.
-        hook_name: the SAE's hook.
-        tokens: (n_windows, context) token ids, BOS first.
-        batch: windows per forward pass.
+        x: (n_tokens, d_in) float32 activations at its hook, BOS positions left out.
     """
     import torch
-    from tqdm.auto import tqdm
 
+    l0, legacy, sq_err, sq_var, n = 0.0, 0.0, 0.0, 0.0, 0
+    mean = x.mean(dim=0)
     with torch.no_grad():
-        layer = int(hook_name.split(".")[1])
-        l0, legacy, sq_err, sq_var, n = 0.0, 0.0, 0.0, 0.0, 0
-        rows = []
-        for start in tqdm(range(0, len(tokens), batch), desc="held-out activations"):
-            _, cache = model.run_with_cache(
-                tokens[start : start + batch],
-                names_filter=hook_name,
-                stop_at_layer=layer + 1,
-            )
-            rows.append(cache[hook_name][:, 1:].reshape(-1, cache[hook_name].shape[-1]))
-        x = torch.cat(rows).float()
-        mean = x.mean(dim=0)
         for chunk in x.split(4096):
             acts = sae.encode(chunk)
             out = sae.decode(acts)
@@ -160,6 +148,13 @@ def plot_frequencies(
     plt.close(fig)
 
 
+def _phase(index: int) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[{index + 1}/{len(PHASES)}] {PHASES[index]}")
+
+
+@known_warnings_silenced()
 def run_demo(
     cfg: DemoConfig, resume: bool = False, checkpoint_interval_s: float = 300.0
 ) -> dict[str, Any]:
@@ -182,10 +177,13 @@ def run_demo(
         EMBEDDED_MODEL_NAME,
         embedded_token_dataset,
         load_embedded_model,
+        require_demo_extra,
     )
+    from sae_gba.latent_page import PageOptions, build_latent_page, hook_activations
     from sae_gba.loading import read_sae_config
     from sae_gba.training import ResumableRunner, latest_checkpoint
 
+    require_demo_extra()  # before minutes of work, not at the final plot
     start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,8 +197,10 @@ def run_demo(
         layer=cfg.layer,
         adaptation_interval=cfg.adaptation_interval,
     )
+    _phase(0)
     model = load_embedded_model(dtype=getattr(torch, cfg.lm_dtype))
     checkpoints = out / "checkpoints"
+    _phase(1)
     train_start = time.time()
     if resume and latest_checkpoint(checkpoints) is None and (out / "sae").is_dir():
         read_sae_config(out / "sae")  # finished before: check it, measure it
@@ -242,10 +242,24 @@ def run_demo(
         gba.low_target_freq,
         out / "firing_frequencies.png",
     )
+    _phase(2)
     held_out = embedded_token_dataset("held_out", preset.context_size)
     eval_tokens = torch.tensor(held_out["tokens"][: cfg.eval_windows])
+    # One forward pass serves the metrics and the latent page.
+    acts = hook_activations(model, runner_cfg.hook_name, eval_tokens, 16)
     exported = SAE.load_from_disk(sae_dir)
-    metrics = held_out_metrics(exported, model, runner_cfg.hook_name, eval_tokens)
+    metrics = held_out_metrics(exported, acts[:, 1:].flatten(0, 1))
+    _phase(3)
+    build_latent_page(
+        exported,
+        model,
+        eval_tokens,
+        out / "latents",
+        PageOptions(latents="groups", n_latents=4 * gba.n_groups, seed=cfg.seed),
+        title=f"sae-gba demo: GBA on Gemma-3-270M {runner_cfg.hook_name}",
+        data_label="the held-out Wikipedia articles",
+        activations=acts,
+    )
     summary = {
         "config": asdict(cfg),
         "model": EMBEDDED_MODEL_NAME,

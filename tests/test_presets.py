@@ -199,6 +199,13 @@ def test_train_preset_reads_local_folders(tmp_path, gemma2):
     )
     saved = json.loads((tmp_path / "run" / "sae" / "cfg.json").read_text())
     assert (saved["d_in"], saved["d_sae"]) == (2304, 64)
+    # sae-gba inspect finds the model and held-out rows the same way.
+    argv = ["inspect", str(tmp_path / "run" / "sae"), "--out", str(tmp_path / "page")]
+    argv += ["--model-path", str(gemma2[0]), "--dataset-path", str(data)]
+    main([*argv, "--latents", "3,60", "--quiet"])
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert page.count('<article class="latent"') == 2
+    assert 'id="latent-3"' in page and 'id="latent-60"' in page
     with pytest.raises(ValueError, match="layer 5 does not exist"):
         train_preset(SMALL, tmp_path / "bad", model_path=str(gemma2[0]), layer=5)
 

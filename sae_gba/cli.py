@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
             "ablate",
             "planted",
             "wsae",
+            "suite",
+            "scaling",
         ],
     )
     synth.add_argument(
@@ -73,8 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     synth.add_argument(
         "--methods",
-        help="ablate only: gba and/or gba_frozen_scale, comma-separated (default: both)",
+        help="ablate: gba and/or gba_frozen_scale; suite: any of gba_default, "
+        "gba_paper, topk_k1, topk_k2, batchtopk, l1; comma-separated (default: all)",
     )
+    synth.add_argument("--families", help="suite only: comma-separated (default: all)")
+    synth.add_argument(
+        "--gba",
+        action="append",
+        metavar="KEY=VALUE",
+        help="suite/scaling: a GBATrainingSAEConfig field for gba_default (repeatable)",
+    )
+    synth.add_argument("--size", help="suite/scaling: default or small (seconds)")
     synth.add_argument(
         "--data",
         choices=["imbalanced", "uniform", "longtail"],
@@ -203,8 +214,18 @@ def main(argv: list[str] | None = None) -> None:
             **({} if args.k is None else {"k": args.k}),
         )
         print(f"wrote the SAE to {args.out}/sae")
+    elif args.command == "synth" and args.experiment in ("suite", "scaling"):
+        from evals.suite.suite import run_command
+
+        try:
+            print(run_command(args))
+        except ValueError as err:
+            synth.error(str(err))
     elif args.command == "synth":
         from evals.synthetic_lab import run_experiment
+
+        if args.families or args.gba or args.size:
+            parser.error("--families, --gba and --size apply to suite and scaling only")
 
         options: dict[str, object] = {}
         if args.workers is not None:

@@ -60,6 +60,21 @@ GBA_PARAMETERS = ("directions", "output_scale", "pre_bias", "gate_bias", "input_
 FLOAT32_STATE = ("gate_bias", "input_scale", "window_peak_preacts")
 COUNTER_STATE = ("window_fire_counts", "window_tokens", "window_steps")
 GATE_BIAS_INITS = ("zero", "target_quantile")
+# The GBA paper's literal recipe (trained output scales, zero bias start), fixed here
+# so `GBATrainingSAEConfig(d_in, d_sae, **PAPER_RECIPE)` stays one step away.
+PAPER_RECIPE: dict[str, Any] = {
+    "n_groups": 10,
+    "high_target_freq": 0.5,
+    "low_target_freq": 1e-4,
+    "adaptation_interval": 50,
+    "gamma_plus": 0.01,
+    "gamma_minus": 0.01,
+    "dead_threshold": 0.0,
+    "train_pre_bias": False,
+    "train_output_scale": True,
+    "gate_bias_init": "zero",
+    "decoder_init_norm": 0.1,
+}
 
 
 @dataclass

@@ -117,7 +117,9 @@ def test_method_rules() -> None:
 
 
 def test_suite_small__every_family_and_method_end_to_end(tmp_path) -> None:
-    result = suite(size="small", seeds=1, workers=1)
+    log = tmp_path / "runs.jsonl"
+    result = suite(size="small", seeds=1, workers=1, log=log)
+    assert len(log.read_text().splitlines()) == len(FAMILIES) * len(METHODS)
     assert set(result["table"]) == set(FAMILIES)
     for methods in result["table"].values():
         assert list(methods) == list(METHODS)
@@ -146,6 +148,7 @@ def test_cli_suite__selects_families_methods_and_gba_fields(tmp_path) -> None:
          "--gba", "train_output_scale=False", "--out", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())
+    assert not out.with_suffix(".runs.jsonl").exists()  # the run log, once written
     assert list(result["table"]) == ["uniform"]
     assert list(result["table"]["uniform"]) == ["gba_default", "topk_k2"]
     assert result["table"]["uniform"]["topk_k2"]["seeds"] == [0, 1]

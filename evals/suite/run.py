@@ -8,11 +8,13 @@ before training and again before evaluation.
 
 import contextlib
 import io
+import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,12 +174,16 @@ def run_job(job: Job) -> dict[str, Any]:
     return result
 
 
-def run_jobs(jobs: list[Job], workers: int = 1) -> list[dict[str, Any]]:
+def run_jobs(
+    jobs: list[Job], workers: int = 1, log: Path | None = None
+) -> list[dict[str, Any]]:
     """Every job, in ``workers`` one-thread processes (1: here, in order).
 
     Args:
         jobs: the runs.
         workers: processes.
+        log: a JSON-lines file that gets each run's record as it finishes, so an
+            interrupted suite keeps what it measured (None: no log).
 
     Returns:
         ``run_job``'s result per job, in order, each with the job's fields.
@@ -189,11 +195,20 @@ def run_jobs(jobs: list[Job], workers: int = 1) -> list[dict[str, Any]]:
         }
         for job in jobs
     ]
+    records: dict[int, dict[str, Any]] = {}
+
+    def keep(index: int, result: dict[str, Any]) -> None:
+        records[index] = {**labels[index], **result}
+        if log is not None:
+            with log.open("a") as file:
+                file.write(json.dumps(records[index]) + "\n")
+
     if workers <= 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in the workers: tiny matmuls, no contention
         try:
-            results = [run_job(job) for job in tqdm(jobs, desc="runs")]
+            for index, job in enumerate(tqdm(jobs, desc="runs")):
+                keep(index, run_job(job))
         finally:
             torch.set_num_threads(threads)
     else:
@@ -204,8 +219,6 @@ def run_jobs(jobs: list[Job], workers: int = 1) -> list[dict[str, Any]]:
             initargs=(os.getpid(),),
         ) as pool:
             futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-            done: dict[int, dict[str, Any]] = {}
             for future in tqdm(as_completed(futures), total=len(jobs), desc="runs"):
-                done[futures[future]] = future.result()
-            results = [done[i] for i in range(len(jobs))]
-    return [{**label, **result} for label, result in zip(labels, results, strict=True)]
+                keep(futures[future], future.result())
+    return [records[index] for index in range(len(jobs))]

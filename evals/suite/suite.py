@@ -103,6 +103,7 @@ def suite(
     methods: list[str] | None = None,
     gba: dict[str, Any] | None = None,
     workers: int = 1,
+    log: Path | None = None,
 ) -> dict[str, Any]:
     """Train every method on every family and seed; the JSON-ready result.
 
@@ -113,6 +114,7 @@ def suite(
         methods: method names (None: all).
         gba: extra ``GBATrainingSAEConfig`` fields for ``gba_default``.
         workers: parallel one-thread processes.
+        log: JSON-lines file of run records, appended as runs finish.
 
     Returns:
         ``{"experiment": "suite", "table": {family: {method: summary}}, "runs", ...}``.
@@ -126,13 +128,14 @@ def suite(
     start, load_start = time.time(), os.getloadavg()
     gba = gba or {}
     gba_fields = _gba_default_fields(SIZES[size].width, gba)  # validates gba first
+    # Seed-major order: an interrupted suite has whole seeds (see ``log``).
     jobs = [
         Job(family, method, seed, SIZES[size], gba)
+        for seed in range(seeds)
         for family in family_names
         for method in method_names
-        for seed in range(seeds)
     ]
-    runs = run_jobs(jobs, workers)
+    runs = run_jobs(jobs, workers, log)
     table = {
         family: {
             method: _summary(
@@ -317,6 +320,10 @@ def run_command(args: Any) -> str:
             if getattr(args, name)
         }
         seeds = 3 if args.seeds is None else args.seeds
-        result = suite(seeds=seeds, **split, **options)
+        log = Path(args.out).with_suffix(".runs.jsonl")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.unlink(missing_ok=True)
+        result = suite(seeds=seeds, log=log, **split, **options)
     png = write_result(result, args.out)
+    Path(args.out).with_suffix(".runs.jsonl").unlink(missing_ok=True)  # in the JSON
     return f"{format_table(result)}\nwrote {args.out} and {png}"

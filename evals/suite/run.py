@@ -56,7 +56,7 @@ class Size:
     """
 
     width: int = 512
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 512
     lr: float = 1e-3
     eval_samples: int = 20_000

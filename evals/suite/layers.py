@@ -47,7 +47,7 @@ class FixedSparsityActivationGenerator(ActivationGenerator):
         mean_magnitude: float = 1.0,
         std_magnitude: float = 0.0,
     ) -> None:
-        support = SyntheticConfig(
+        support = SyntheticConfig(  # only its support sampler is used, so d = 1
             n_features=num_features,
             d=1,
             sparsities=sparsities,

@@ -98,7 +98,7 @@ def _centred_power(model: SyntheticModel, samples: int) -> float:
     return float((x - x.mean(0)).pow(2).sum(-1).mean())
 
 
-def _recovery(best: torch.Tensor, indices: torch.Tensor | list[int], t: float) -> float:
+def _recovery(best: torch.Tensor, t: float, indices: Any = slice(None)) -> float:
     return float((best[indices] > t).double().mean())
 
 
@@ -156,9 +156,9 @@ def run_job(job: Job) -> dict[str, Any]:
     }
     result: dict[str, Any] = {"k": method_k(job.method, true_l0), "true_l0": true_l0}
     for t in THRESHOLDS:
-        result[f"frr@{t}"] = _recovery(best, slice(None), t)  # type: ignore[arg-type]
+        result[f"frr@{t}"] = _recovery(best, t)
         for name, members in groups.items():
-            result[f"frr@{t}_{name}"] = _recovery(best, members, t)
+            result[f"frr@{t}_{name}"] = _recovery(best, t, members)
     result.update(
         mcc=evaluation.mcc,
         uniqueness=evaluation.uniqueness,

@@ -127,7 +127,7 @@ def suite(
     method_names = _choose("methods", methods, METHODS)
     start, load_start = time.time(), os.getloadavg()
     gba = gba or {}
-    gba_fields = _gba_default_fields(SIZES[size].width, gba)  # validates gba first
+    _gba_default_fields(SIZES[size].width, gba)  # bad fields fail before training
     # Seed-major order: an interrupted suite has whole seeds (see ``log``).
     jobs = [
         Job(family, method, seed, SIZES[size], gba)
@@ -136,6 +136,28 @@ def suite(
         for method in method_names
     ]
     runs = run_jobs(jobs, workers, log)
+    result = suite_result(runs, size, gba, workers)
+    result["environment"] = _environment(start, load_start)
+    return result
+
+
+def suite_result(
+    runs: list[dict[str, Any]], size: str, gba: dict[str, Any], workers: int
+) -> dict[str, Any]:
+    """The suite's JSON-ready result from its run records (all, or those an
+    interrupted suite logged).
+
+    Args:
+        runs: ``run_jobs`` records.
+        size: the key of ``SIZES`` they ran at.
+        gba: the ``gba_default`` overrides they ran with.
+        workers: parallel processes used.
+
+    Returns:
+        ``{"experiment": "suite", "table": {family: {method: summary}}, ...}``.
+    """
+    family_names = [f for f in FAMILIES if any(r["family"] == f for r in runs)]
+    method_names = [m for m in METHODS if any(r["method"] == m for r in runs)]
     table = {
         family: {
             method: _summary(
@@ -162,14 +184,13 @@ def suite(
         "methods": method_names,
         "method_rules": METHODS_DOC,
         "gba_overrides": gba,
-        "gba_default_fields": gba_fields,
+        "gba_default_fields": _gba_default_fields(SIZES[size].width, gba),
         "size_name": size,
         "size": asdict(SIZES[size]),
-        "seeds": seeds,
+        "seeds": len({r["seed"] for r in runs}),
         "workers": workers,
         "table": table,
         "runs": runs,
-        "environment": _environment(start, load_start),
     }
 
 

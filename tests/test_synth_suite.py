@@ -10,7 +10,7 @@ from sae_lens.util import temporary_seed
 
 from evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
 from evals.suite.methods import METHODS, method_k, parse_gba_overrides
-from evals.suite.suite import suite, write_result
+from evals.suite.suite import scaling, suite, write_result
 from sae_gba.cli import main
 
 SAMPLES = 40_000
@@ -157,3 +157,26 @@ def test_cli_suite__selects_families_methods_and_gba_fields(tmp_path) -> None:
         main(["synth", "suite", "--families", "nope", "--out", str(out)])
     with pytest.raises(SystemExit):
         main(["synth", "imbalanced", "--size", "small", "--out", str(out)])
+
+
+def test_scaling_small__width_and_n_sweeps_against_the_better_topk() -> None:
+    result = scaling(size="small")
+    cells = {(c["sweep"], c["width"], c["n"]): c for c in result["cells"]}
+    # --size small shrinks the widths by 64 / 512 and keeps n.
+    assert sorted(cells) == [
+        ("n", 256, 128),
+        ("n", 256, 512),
+        ("n", 256, 1024),
+        ("width", 64, 256),
+        ("width", 256, 256),
+        ("width", 1024, 256),
+    ]
+    for cell in cells.values():
+        runs = {
+            r["method"]: r
+            for r in result["runs"]
+            if r["width"] == cell["width"] and r["n"] == cell["n"]
+        }
+        best = max(runs["topk_k1"]["frr@0.9"], runs["topk_k2"]["frr@0.9"])
+        assert cell["best_topk_frr@0.9"] == best
+        assert cell["gba_default_frr@0.9"] == runs["gba_default"]["frr@0.9"]

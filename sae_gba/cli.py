@@ -31,6 +31,8 @@ SYNTH_EXPERIMENTS = (
     "ablate",
     "planted",
     "wsae",
+    "suite",
+    "scaling",
 )
 # The train command's settings, saved in OUT so that `--resume OUT` needs nothing else.
 TRAIN_ARGS_FILE = "train_args.json"
@@ -333,6 +335,10 @@ def _demo(args: argparse.Namespace) -> _Job:
 def _synth(args: argparse.Namespace) -> _Job:
     _positive("--seeds", args.seeds, 2 if args.experiment == "consistency" else 1)
     _positive("--workers", args.workers)
+    if args.experiment in ("suite", "scaling"):
+        return _synth_suite(args)
+    if args.families or args.gba or args.size:
+        raise UsageError("--families, --gba and --size apply to suite and scaling only")
     options: dict[str, object] = {}
     if args.workers is not None:
         options["workers"] = args.workers
@@ -353,6 +359,22 @@ def _synth(args: argparse.Namespace) -> _Job:
         print(json.dumps(result, indent=1)[:4000])
 
     return run, None
+
+
+def _synth_suite(args: argparse.Namespace) -> _Job:
+    from evals.suite.methods import parse_gba_overrides
+
+    parse_gba_overrides(args.gba or [])  # a bad KEY=VALUE fails before any run
+    out = _output_file("--out", args.out)
+
+    def run() -> None:
+        from evals.suite.suite import run_command
+        from sae_gba.progress import progress_bars
+
+        with progress_bars(not args.quiet):
+            print(run_command(args))
+
+    return run, lambda: f"finished runs so far are in {out.with_suffix('.runs.jsonl')}"
 
 
 def _publish(args: argparse.Namespace) -> _Job:
@@ -628,8 +650,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument(
         "--methods",
-        help="ablate only: gba and/or gba_frozen_scale, comma-separated (default: both)",
+        help="ablate: gba and/or gba_frozen_scale; suite: any of gba_default, "
+        "gba_paper, topk_k1, topk_k2, batchtopk, l1; comma-separated (default: all)",
     )
+    synth.add_argument("--families", help="suite only: comma-separated (default: all)")
+    synth.add_argument(
+        "--gba",
+        action="append",
+        metavar="KEY=VALUE",
+        help="suite/scaling: a GBATrainingSAEConfig field for gba_default (repeatable)",
+    )
+    synth.add_argument("--size", help="suite/scaling: default or small (seconds)")
     synth.add_argument(
         "--data",
         choices=["imbalanced", "uniform", "longtail"],

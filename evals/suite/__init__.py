@@ -1,0 +1,2 @@
+"""The recovery suite: data families, methods, runs, and the ``suite`` / ``scaling``
+commands (see ``evals.suite.suite``)."""

@@ -532,10 +532,6 @@ def _bench(args: argparse.Namespace) -> _Job:
 def _inspect(args: argparse.Namespace) -> _Job:
     _positive("--n-latents", args.n_latents)
     _positive("--n-windows", args.n_windows)
-    _sae_folder(args.sae_dir)
-    _existing_folder("--model-path", args.model_path, needs="config.json")
-    _existing_folder("--dataset-path", args.dataset_path)
-    _device(args.device)
     latents: str | list[int] = args.latents
     if latents not in ("frequent", "random", "groups"):
         try:
@@ -545,6 +541,10 @@ def _inspect(args: argparse.Namespace) -> _Job:
                 f"--latents {args.latents!r} is invalid: expected frequent, random, "
                 "groups or comma-separated latent ids"
             ) from None
+    _sae_folder(args.sae_dir)
+    _existing_folder("--model-path", args.model_path, needs="config.json")
+    _existing_folder("--dataset-path", args.dataset_path)
+    _device(args.device)
     _writable_folder("--out", Path(args.out))
 
     def run() -> None:

@@ -110,6 +110,13 @@ def test_cli_quiet__hides_the_bars_of_long_commands(
         return result if result is not None else {"summary": str(summary)}
 
     monkeypatch.setattr(target, fake)
+    if "SAE_DIR" in argv:  # eval checks its SAE folder before any work
+        from sae_lens import SAE
+        from sae_lens.saes.standard_sae import StandardSAEConfig
+
+        sae_dir = tmp_path / "sae"
+        SAE.from_dict(StandardSAEConfig(d_in=4, d_sae=8).to_dict()).save_model(sae_dir)
+        argv = [str(sae_dir) if a == "SAE_DIR" else a for a in argv]
     out = ["--out", str(tmp_path / "out")]
     main([*argv, *out])
     main([*argv, *out, "--quiet"])

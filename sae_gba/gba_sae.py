@@ -617,10 +617,11 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         """``metrics.summarize_window`` on the last window (README's table of names)."""
         cfg = self.cfg
         frequency, tokens = self.window_frequency()
+        group_targets, groups = self._groups()
         metrics = summarize_window(
             frequency,
-            target_frequencies(cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq),
-            group_index(cfg.d_sae, cfg.n_groups),
+            group_targets,
+            groups,
             self.gate_bias,
             cfg.dead_threshold,
             self.output_scale if cfg.train_output_scale else None,
@@ -712,18 +713,33 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             preacts = (x - mean) / scale @ self._unit_directions().float().T
             self.gate_bias.copy_(quantile_biases(preacts, self._neuron_targets()))
 
+    def _groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each group's target (K,), each neuron's group (d_sae,)) on the SAE's device.
+
+        The config fixes both, so they are computed once per device.
+        """
+        device = self.gate_bias.device
+        cached = getattr(self, "_groups_cache", None)
+        if cached is None or cached[1].device != device:
+            cfg = self.cfg
+            cached = (
+                target_frequencies(
+                    cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq
+                ).to(device),
+                group_index(cfg.d_sae, cfg.n_groups).to(device),
+            )
+            self._groups_cache = cached
+        return cached
+
     def _neuron_targets(self) -> torch.Tensor:
-        cfg = self.cfg
-        groups = group_index(cfg.d_sae, cfg.n_groups).to(self.gate_bias.device)
-        targets = target_frequencies(
-            cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq
-        ).to(self.gate_bias.device)
+        targets, groups = self._groups()
         return targets[groups]
 
     @torch.no_grad()
     def adapt_biases(self) -> None:
         """Adapt every neuron whose window is closed, and start new windows for them."""
-        targets = self._neuron_targets()
+        group_targets, groups = self._groups()
+        targets = group_targets[groups]
         closed = closed_windows(
             self.window_fire_counts,
             self.window_tokens,
@@ -731,13 +747,12 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             self.cfg.min_window_firings,
         )
         frequency = self.window_fire_counts.double() / self.window_tokens.clamp(min=1)
-        groups = group_index(self.cfg.d_sae, self.cfg.n_groups)
         adapted = adapt_biases(
             self.gate_bias,
             frequency,
             self.window_peak_preacts,
             targets,
-            groups.to(self.gate_bias.device),
+            groups,
             self.cfg.n_groups,
             self.cfg.gamma_plus,
             self.cfg.gamma_minus,

@@ -208,6 +208,28 @@ class ParallelFit(CheckpointedFit):
         return path
 
 
+def _estimate_scaling_factor(trainer: SAETrainer[Any, Any], data: Any) -> None:
+    """SAELens's ``expected_average_only_in`` factor from the global batches.
+
+    The same batches and formula as ``ActivationScaler.estimate_scaling_factor``
+    (``sqrt(d_in) / mean norm``), with the norms summed over the ranks; the trainer
+    then skips its own, per-rank estimate. A resumed run keeps the saved factor.
+    """
+    cfg = trainer.sae.cfg
+    scaler = trainer.activation_scaler
+    if cfg.normalize_activations != "expected_average_only_in" or (
+        scaler.scaling_factor is not None
+    ):
+        return
+    totals = torch.zeros(2, dtype=torch.float64, device=trainer.sae.device)
+    for _ in range(trainer.cfg.n_batches_for_norm_estimate):
+        norms = next(data).norm(dim=-1)
+        totals[0] += norms.float().sum().item()
+        totals[1] += norms.numel()
+    dist.all_reduce(totals)
+    scaler.scaling_factor = cfg.d_in**0.5 / float(totals[0] / totals[1])
+
+
 def train_parallel(
     sae: TrainingSAE[Any],
     data: Iterator[torch.Tensor],
@@ -247,6 +269,12 @@ def train_parallel(
             f"batch_size={batch_size} is invalid: must be a multiple of the "
             f"{world} ranks"
         )
+    if sae.cfg.normalize_activations == "covariance_whitening":
+        raise ValueError(
+            "normalize_activations='covariance_whitening' is not supported in "
+            "data-parallel training (each rank would estimate its own whitening); "
+            "use expected_average_only_in, constant_norm_rescale or none"
+        )
     folder = Path(folder)
     steps = total_tokens // batch_size
     broadcast_state(sae)
@@ -259,6 +287,7 @@ def train_parallel(
     try:
         if resume:
             fit.resume()
+        _estimate_scaling_factor(trainer, fit)
         fit.fit()
         collect_on_first_rank(trainer)
     except RuntimeError as err:  # dist.DistError included

@@ -214,3 +214,59 @@ class CachedActivations(Iterator[torch.Tensor]):
             state["position"],
         )
         self._order = self._permutation()
+
+
+def fill_preset_cache(
+    preset: Any,
+    out: str | Path,
+    *,
+    model_path: str | None = None,
+    dataset_path: str | None = None,
+    training_tokens: int | None = None,
+    layer: int | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Harvest a model preset's activations (the run's tokens) into ``out``.
+
+    Args:
+        preset: a ``sae_gba.presets.ModelPreset`` (the embedded one: the demo's model
+            and Wikipedia slice).
+        out: the cache folder (must not exist).
+        model_path: local model folder (see ``presets.load_hooked_model``).
+        dataset_path: local dataset folder; None as in ``presets.train_preset``.
+        training_tokens: tokens to harvest; None keeps the preset's.
+        layer: residual stream block; None keeps the preset's.
+        device: where the model runs.
+    """
+    from sae_gba.presets import (
+        EMBEDDED_DATASET,
+        load_hooked_model,
+        load_local_dataset,
+    )
+
+    if dataset_path is not None:
+        dataset = load_local_dataset(dataset_path)
+    elif preset.dataset_path == EMBEDDED_DATASET:
+        from sae_gba.embedded import embedded_token_dataset
+
+        dataset = embedded_token_dataset("train", preset.context_size).shuffle(
+            seed=preset.seed
+        )
+    else:
+        dataset = datasets.load_dataset(
+            preset.dataset_path, split="train", streaming=preset.streaming
+        )
+    layer = preset.layer if layer is None else layer
+    return write_activation_cache(
+        load_hooked_model(preset, model_path, device=device),
+        out,
+        hook_name=preset.hook_name_at(layer),
+        d_in=preset.d_in,
+        context_size=preset.context_size,
+        training_tokens=preset.training_tokens
+        if training_tokens is None
+        else training_tokens,
+        dataset=dataset,
+        model_batch_size=preset.store_batch_size_prompts,
+        device=device,
+    )

@@ -260,6 +260,7 @@ def _train(args: argparse.Namespace) -> _Job:
     _positive("--layer", settings["layer"], 0)
     _positive("--k", settings["k"])
     _positive("--checkpoint-every", args.checkpoint_every)
+    _positive("--nproc", args.nproc)
     hint = f"pass --resume {out_path} to continue that run or --overwrite to start over"
     out = _output_folder(out_path, resume, args.overwrite, hint)
     if resume and (out / "sae").is_dir() and not (out / "checkpoints").is_dir():
@@ -278,6 +279,14 @@ def _train(args: argparse.Namespace) -> _Job:
         write_text_atomically(out / TRAIN_ARGS_FILE, json.dumps(settings, indent=1))
 
     def run() -> None:
+        if args.nproc is not None:
+            from sae_gba.distributed import train_preset_parallel
+
+            train_preset_parallel(
+                out, out / TRAIN_ARGS_FILE, args.nproc, resume, args.checkpoint_every
+            )
+            print(f"wrote the SAE to {out}/sae")
+            return
         from sae_gba.presets import train_preset
 
         k = settings["k"]
@@ -632,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
         "weighted_topk, ...",
     )
     train.add_argument("--k", type=int, help="k for topk / batchtopk architectures")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel ranks on this machine (torchrun; activations are "
+        "harvested once into OUT/activations first)",
+    )
     _add_resume_options(train)
     synth = commands.add_parser(
         "synth", help="synthetic feature-recovery experiments (JSON + PNG)"

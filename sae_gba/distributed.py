@@ -312,3 +312,151 @@ def train_parallel(
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     dist.barrier()
     return sae
+
+
+def train_preset_rank(
+    out: Path, settings: dict[str, Any], resume: bool, checkpoint_interval_s: float
+) -> None:
+    """This rank's part of ``sae-gba train --nproc N``: the preset's SAE from the cache.
+
+    Args:
+        out: the run folder (``activations``, ``checkpoints``, ``sae``).
+        settings: the train command's settings (preset, d_sae, training_tokens,
+            layer, device, architecture, k).
+        resume: continue from the newest checkpoint.
+        checkpoint_interval_s: seconds between checkpoints.
+    """
+    from sae_lens.saes.sae import TrainingSAEConfig
+
+    from sae_gba.activation_cache import CachedActivations
+    from sae_gba.presets import PRESETS, gba_runner_config
+
+    preset = PRESETS[settings["preset"]]
+    k = settings.get("k")
+    cfg = gba_runner_config(
+        preset,
+        output_path=str(out / "sae"),
+        d_sae=settings["d_sae"],
+        training_tokens=settings["training_tokens"],
+        layer=settings["layer"],
+        device=settings["device"],
+        architecture=settings["architecture"],
+        **({} if k is None else {"k": k}),
+    )
+    init_process_group(settings["device"])
+    try:
+        torch.manual_seed(preset.seed)
+        sae_cfg = TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict())
+        sae = TrainingSAE.from_dict(sae_cfg.to_dict()).to(cfg.device)
+        train_parallel(
+            sae,
+            CachedActivations(out / "activations", cfg.train_batch_size_tokens),
+            total_tokens=cfg.training_tokens,
+            batch_size=cfg.train_batch_size_tokens,
+            folder=out,
+            checkpoint_interval_s=checkpoint_interval_s,
+            resume=resume,
+            lr=cfg.lr,
+            lr_end=cfg.lr_end,
+            feature_sampling_window=cfg.feature_sampling_window,
+            dead_feature_window=cfg.dead_feature_window,
+            n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(
+    out: Path,
+    settings_file: Path,
+    nproc: int,
+    resume: bool = False,
+    checkpoint_interval_s: float = 300.0,
+) -> None:
+    """Run :func:`train_preset_rank` on ``nproc`` local ranks through torchrun.
+
+    Args:
+        out: the run folder; its ``activations`` cache must exist.
+        settings_file: the train command's settings (JSON).
+        nproc: ranks on this machine.
+        resume: continue from the newest checkpoint.
+        checkpoint_interval_s: seconds between checkpoints.
+    """
+    from torch.distributed.run import main as torchrun
+
+    torchrun(
+        [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "sae_gba.distributed",
+            str(out),
+            str(settings_file),
+            f"--checkpoint-every={checkpoint_interval_s}",
+            *(["--resume"] if resume else []),
+        ]
+    )
+
+
+def train_preset_parallel(
+    out: Path,
+    settings_file: Path,
+    nproc: int,
+    resume: bool = False,
+    checkpoint_interval_s: float = 300.0,
+) -> None:
+    """``sae-gba train --nproc N``: harvest once into ``out/activations``, then train.
+
+    The harvest runs in this process with SAELens's ``CacheActivationsRunner``
+    (skipped when the cache is there, e.g. on ``--resume``); torchrun then starts
+    ``nproc`` ranks that train from it.
+
+    Args:
+        out: the run folder.
+        settings_file: the train command's settings (JSON: preset, model_path,
+            dataset_path, d_sae, training_tokens, layer, device, architecture, k).
+        nproc: ranks on this machine.
+        resume: continue from the newest checkpoint.
+        checkpoint_interval_s: seconds between checkpoints.
+    """
+    import json
+
+    from sae_gba.activation_cache import fill_preset_cache
+    from sae_gba.presets import PRESETS
+
+    settings = json.loads(Path(settings_file).read_text())
+    if settings["device"].startswith("cuda") and nproc > torch.cuda.device_count():
+        raise ValueError(
+            f"--nproc {nproc} is invalid with --device {settings['device']}: this "
+            f"machine has {torch.cuda.device_count()} CUDA device(s), one per rank"
+        )
+    if not (out / "activations").is_dir():
+        fill_preset_cache(
+            PRESETS[settings["preset"]],
+            out / "activations",
+            model_path=settings["model_path"],
+            dataset_path=settings["dataset_path"],
+            training_tokens=settings["training_tokens"],
+            layer=settings["layer"],
+            device=settings["device"],
+        )
+    launch(out, settings_file, nproc, resume, checkpoint_interval_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun ... -m sae_gba.distributed OUT SETTINGS.json``: one rank's run."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m sae_gba.distributed")
+    parser.add_argument("out", help="run folder with the activations cache")
+    parser.add_argument("settings", help="train settings JSON (sae-gba train's)")
+    parser.add_argument("--checkpoint-every", type=float, default=300.0)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    settings = json.loads(Path(args.settings).read_text())
+    train_preset_rank(Path(args.out), settings, args.resume, args.checkpoint_every)
+
+
+if __name__ == "__main__":
+    main()

@@ -199,11 +199,19 @@ class ParallelFit(CheckpointedFit):
         return path
 
     def resume(self) -> Path | None:
-        """Continue from the newest checkpoint (rank 0's counts stay on rank 0)."""
+        """Continue from the newest checkpoint, on any number of ranks.
+
+        Rank 0 takes the saved counts; the global batches, and so the data position,
+        are the same for any number of ranks.
+        """
         path = latest_checkpoint(self.folder)
         if path is not None:
             resume_from_checkpoint(self.trainer, self.data, path)
-            _drop_share_off_first_rank(self.trainer)
+            # The saved sample count is per rank: recount it for this world size.
+            trainer = self.trainer
+            local = trainer.cfg.train_batch_size_samples
+            trainer.n_training_samples = trainer.n_training_steps * local
+            _drop_share_off_first_rank(trainer)
             self.saved_steps = self.trainer.n_training_steps
         return path
 

@@ -7,6 +7,7 @@ window statistics before each bias adaptation.
 """
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -41,20 +42,43 @@ def _activations() -> torch.Tensor:
     return (x + 0.1 * torch.randn(512, D_IN, generator=g)).double()
 
 
-def _sae():
-    sae_class, config_class = SAE_TRAINING_CLASS_REGISTRY["weighted_gba"]
+# Per architecture: its config fields and the trainer's options. TopK exercises
+# SAELens's dead-latent counters (its aux-k loss) and the activation norm estimate.
+JOBS = {
+    "weighted_gba": (
+        {
+            "n_groups": 4,
+            "adaptation_interval": 3,
+            "min_window_firings": 0,
+            "weight_estimation_batches": 2,
+            "normalize_activations": "none",
+        },
+        {},
+    ),
+    "topk": (
+        {"k": 4, "normalize_activations": "expected_average_only_in"},
+        {"dead_feature_window": 2, "n_batches_for_norm_estimate": 3},
+    ),
+}
+
+
+def _sae(arch: str = "weighted_gba"):
+    sae_class, config_class = SAE_TRAINING_CLASS_REGISTRY[arch]
     torch.manual_seed(0)
-    cfg = config_class(
-        d_in=D_IN,
-        d_sae=D_SAE,
-        dtype="float64",
-        n_groups=4,
-        adaptation_interval=3,
-        min_window_firings=0,
-        weight_estimation_batches=2,
-        normalize_activations="none",
+    return sae_class(
+        config_class(d_in=D_IN, d_sae=D_SAE, dtype="float64", **JOBS[arch][0])
     )
-    return sae_class(cfg)
+
+
+def _one_process(arch: str = "weighted_gba"):
+    """The run of one process fed the global batches: (state, bias record)."""
+    sae = _sae(arch)
+    data = _Recorder(TensorDataProvider(_activations(), BATCH, seed=0), sae)
+    trainer = make_trainer(
+        sae, data, total_tokens=STEPS * BATCH, batch_size=BATCH, **JOBS[arch][1]
+    )
+    trainer.fit()
+    return {k: v.contiguous() for k, v in sae.state_dict().items()}, data.biases
 
 
 class _Recorder(Iterator[torch.Tensor]):
@@ -65,7 +89,9 @@ class _Recorder(Iterator[torch.Tensor]):
         self.biases: list[torch.Tensor] = []
 
     def __next__(self) -> torch.Tensor:
-        self.biases.append(self.sae.gate_bias.clone())
+        sae = self.sae
+        bias = sae.gate_bias if hasattr(sae, "gate_bias") else sae.b_enc
+        self.biases.append(bias.detach().clone())
         if len(self.biases) == self.at_step and self.fault == "sigint":
             os.kill(os.getpid(), signal.SIGINT)
         if len(self.biases) == self.at_step and self.fault == "die":
@@ -79,16 +105,24 @@ class _Recorder(Iterator[torch.Tensor]):
         self.data.load_state(folder)
 
 
-def _rank_main(rank: int, out: Path, fault: str | None, resume: bool, every: float):
+def _rank_main(
+    rank: int,
+    out: Path,
+    world: int,
+    arch: str,
+    fault: str | None,
+    resume: bool,
+    every: float,
+):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{out}/rendezvous",
         rank=rank,
-        world_size=RANKS,
+        world_size=world,
         timeout=timedelta(seconds=60),
     )
-    sae = _sae()
+    sae = _sae(arch)
     data = TensorDataProvider(_activations(), BATCH, seed=0)
     recorder = _Recorder(RankSlice(data), sae, fault if rank == 1 else None, 10)
     try:
@@ -100,6 +134,7 @@ def _rank_main(rank: int, out: Path, fault: str | None, resume: bool, every: flo
             folder=out,
             checkpoint_interval_s=every,
             resume=resume,
+            **JOBS[arch][1],
         )
     except KeyboardInterrupt:
         (out / f"interrupted_{rank}").touch()
@@ -115,13 +150,20 @@ def _rank_main(rank: int, out: Path, fault: str | None, resume: bool, every: flo
     )
 
 
-def _run(out: Path, fault: str | None = None, resume: bool = False, every=3600.0):
+def _run(
+    out: Path,
+    world: int = RANKS,
+    arch: str = "weighted_gba",
+    fault: str | None = None,
+    resume: bool = False,
+    every: float = 3600.0,
+):
     out.mkdir(exist_ok=True)
     (out / "rendezvous").unlink(missing_ok=True)
     mp.start_processes(
         _rank_main,
-        args=(out, fault, resume, every),
-        nprocs=RANKS,
+        args=(out, world, arch, fault, resume, every),
+        nprocs=world,
         start_method="fork",
         join=True,
     )
@@ -143,21 +185,18 @@ def _assert_states_close(a: dict, b: dict, atol: float) -> None:
 
 
 def test_two_ranks_equal_one_process_fed_the_same_global_batches(two_ranks):
-    sae = _sae()
-    data = _Recorder(TensorDataProvider(_activations(), BATCH, seed=0), sae)
-    make_trainer(sae, data, total_tokens=STEPS * BATCH, batch_size=BATCH).fit()
-    single = {k: v.contiguous() for k, v in sae.state_dict().items()}
+    single, recorded = _one_process()
     parallel = load_file(two_ranks / "state_0.st")
     _assert_states_close(parallel, single, atol=1e-5)
     # The weights were estimated and the biases adapted (the test can fail).
     assert int(single["input_weights_state"]) == 1
     assert single["input_weights"].std() > 0.05
-    biases = torch.stack(data.biases)
+    biases = torch.stack(recorded)
     assert len(torch.unique(biases, dim=0)) >= 6
     assert torch.allclose(load_file(two_ranks / "biases_0.st")["biases"], biases)
     # Rank 0 holds the window counts of both ranks; rank 1 gave its share away.
     assert int(parallel["window_tokens"].max()) > 0
-    assert (sae.window_tokens == parallel["window_tokens"]).all()
+    assert (single["window_tokens"] == parallel["window_tokens"]).all()
     assert (two_ranks / "sae" / "sae_weights.safetensors").is_file()
 
 
@@ -171,15 +210,26 @@ def test_biases_are_equal_across_ranks_after_every_adaptation(two_ranks):
         assert torch.equal(states[0][name], states[1][name]), name
 
 
+def test_topk_with_norm_estimate_on_two_ranks_equals_one_process(tmp_path):
+    _run(tmp_path, arch="topk")
+    single, _ = _one_process("topk")
+    _assert_states_close(load_file(tmp_path / "state_0.st"), single, atol=1e-5)
+
+
 def test_resume_after_ctrl_c_equals_the_uninterrupted_run(two_ranks, tmp_path):
     _run(tmp_path, fault="sigint")
     assert (tmp_path / "interrupted_0").is_file()
     assert (tmp_path / "interrupted_1").is_file()
     checkpoint = latest_checkpoint(tmp_path / "checkpoints")
     assert checkpoint is not None and checkpoint.name == "step_000000010"
+    shutil.copytree(tmp_path / "checkpoints", tmp_path / "kept")
+    uninterrupted = load_file(two_ranks / "state_0.st")
     _run(tmp_path, resume=True)
-    resumed = load_file(tmp_path / "state_0.st")
-    _assert_states_close(resumed, load_file(two_ranks / "state_0.st"), atol=1e-12)
+    _assert_states_close(load_file(tmp_path / "state_0.st"), uninterrupted, 1e-12)
+    # The global batches do not depend on the world size: 1 rank resumes it too.
+    shutil.copytree(tmp_path / "kept", tmp_path / "checkpoints")
+    _run(tmp_path, world=1, resume=True)
+    _assert_states_close(load_file(tmp_path / "state_0.st"), uninterrupted, 1e-5)
 
 
 def test_a_rank_that_dies_stops_the_job_with_the_last_checkpoint_intact(tmp_path):
@@ -189,7 +239,7 @@ def test_a_rank_that_dies_stops_the_job_with_the_last_checkpoint_intact(tmp_path
         out.mkdir(exist_ok=True)
         context = mp.start_processes(
             _rank_main,
-            args=(out, "die", False, 0.0),
+            args=(out, RANKS, "weighted_gba", "die", False, 0.0),
             nprocs=RANKS,
             start_method="fork",
             join=False,

@@ -20,9 +20,9 @@ reads only those rows) and keeps its replica equal to the others':
 So a run on N ranks takes the steps of one process fed the same global batches. Rank
 0 writes the checkpoints (every rank's data position is the same) and the final SAE;
 a run resumes with the same world size from a checkpoint folder every rank can read.
-Losses that depend on the whole batch see each rank's rows only (BatchTopK's
-batch-level top-k and its threshold estimate, TopK's aux-k scale), as in other
-data-parallel SAE trainers. In a single process (no process group) every function
+Steps that depend on the whole batch see each rank's rows only (BatchTopK's
+batch-level top-k and its running threshold), as in other data-parallel SAE
+trainers. In a single process (no process group) every function
 here is a no-op and training is what it was.
 """
 

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from safetensors.torch import load_file, save_file
 
+from sae_gba.cli import main
 from sae_gba.distributed import RankSlice, train_parallel
 from sae_gba.training import (
     TensorDataProvider,
@@ -257,3 +258,19 @@ def test_a_rank_that_dies_stops_the_job_with_the_last_checkpoint_intact(tmp_path
     trainer = make_trainer(sae, data, total_tokens=STEPS * BATCH, batch_size=BATCH)
     resume_from_checkpoint(trainer, data, checkpoint)
     assert trainer.n_training_steps == 9
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--preset", "embedded", "--nproc", "0"], "--nproc 0 is invalid"),
+        (["bench", "scaling", "--size", "huge"], "--size 'huge' is invalid: must be"),
+    ],
+)
+def test_bad_parallel_options_are_named(tmp_path, capsys, argv, message):
+    out = tmp_path / ("run" if argv[0] == "train" else "scaling.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -270,3 +270,43 @@ def fill_preset_cache(
         model_batch_size=preset.store_batch_size_prompts,
         device=device,
     )
+
+
+def read_cached_tokens(
+    path: str | Path, n_tokens: int, ignore_ids: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """The first ``n_tokens`` activations of a cache, in its row order, as one tensor.
+
+    For in-memory consumers of a harvest (``sae-gba compare`` trains every method
+    on one tensor): the cache stands in for harvesting again.
+
+    Args:
+        path: a folder written by :func:`write_activation_cache`.
+        n_tokens: activations to return.
+        ignore_ids: token ids whose positions are left out (e.g. EOS and PAD; the
+            BOS position is not cached).
+
+    Returns:
+        (n_tokens, d_in) activations in the cache's dtype.
+    """
+    data = datasets.load_from_disk(str(path))
+    hook = next(c for c in data.column_names if c != TOKEN_IDS)
+    rows = data.with_format("torch", columns=[hook, TOKEN_IDS])
+    context, d_in = data.features[hook].shape
+    result = torch.empty(n_tokens, d_in)
+    have = 0
+    per_read = max(1, 65_536 // context)
+    for start in range(0, len(rows), per_read):
+        chunk = rows[start : start + per_read]
+        keep = ~torch.isin(
+            chunk[TOKEN_IDS], torch.tensor(ignore_ids, dtype=torch.int32)
+        )
+        acts = chunk[hook][keep][: n_tokens - have]
+        result[have : have + len(acts)] = acts
+        have += len(acts)
+        if have == n_tokens:
+            return result
+    raise ValueError(
+        f"activation cache {path} holds {have:,} tokens (ignoring {list(ignore_ids)}); "
+        f"{n_tokens:,} were asked for"
+    )

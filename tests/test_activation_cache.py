@@ -1,10 +1,15 @@
 """The activation cache: SAELens's CacheActivationsRunner writes, ranks read slices."""
 
+import pytest
 import torch
 from conftest import tiny_model, token_dataset
 from sae_lens.training.activations_store import ActivationsStore
 
-from sae_gba.activation_cache import CachedActivations, write_activation_cache
+from sae_gba.activation_cache import (
+    CachedActivations,
+    read_cached_tokens,
+    write_activation_cache,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -75,3 +80,17 @@ def test_sae_lens_store_reads_the_same_cache(tmp_path):
     reader = CachedActivations(path, batch_size=40)
     assert torch.equal(raw, reader.rows[:4][reader.hook].reshape(-1, 32))
     assert token_ids is not None and token_ids.shape == (60,)
+
+
+def test_whole_tensor_reads_leave_out_ignored_tokens(tmp_path):
+    _, dataset, path = _cache(tmp_path)
+    tokens = torch.as_tensor(dataset["tokens"])[:, 1:]
+    reader = CachedActivations(path, batch_size=40)
+    every = reader.rows[:][reader.hook].reshape(-1, 32)
+    assert torch.equal(read_cached_tokens(path, 100), every[:100])
+    ignored = int(tokens[0, 0])
+    kept = every[(tokens.reshape(-1) != ignored)]
+    assert len(kept) < len(every)
+    assert torch.equal(read_cached_tokens(path, 200, (ignored,)), kept[:200])
+    with pytest.raises(ValueError, match="holds 360 tokens"):
+        read_cached_tokens(path, 361)

@@ -45,6 +45,7 @@ from sae_gba.collectives import (
     rank_and_world,
     reduce_window,
 )
+from sae_gba.progress import progress_bars
 from sae_gba.training import (
     CHECKPOINT_PREFIX,
     CheckpointedFit,
@@ -296,7 +297,8 @@ def train_parallel(
         if resume:
             fit.resume()
         _estimate_scaling_factor(trainer, fit)
-        fit.fit()
+        with progress_bars(rank == 0):  # one bar for the job
+            fit.fit()
         collect_on_first_rank(trainer)
     except RuntimeError as err:  # dist.DistError included
         # A rank that died shows up on the others as a failed collective (gloo:

@@ -9,23 +9,25 @@ reads only those rows) and keeps its replica equal to the others':
   parameters), before SAELens clips them and takes the Adam step. DDP cannot wrap the
   SAE: SAELens's trainer calls ``training_forward_pass``, not ``forward``;
 - GBA's window statistics are summed (fire and token counts) and maxed (peaks) before
-  every bias adaptation (:func:`synchronized_window`), so every rank applies the same
+  every bias adaptation (``collectives.synchronized_window``), so every rank applies the same
   update; between adaptations each rank counts only its own rows;
 - GBA's first batch (input scale, pre-bias, quantile biases) and the weighted SAEs'
-  variance batches are gathered from every rank (:func:`gather_rows`);
+  variance batches are gathered from every rank (``collectives.gather_rows``);
 - SAELens's dead-latent counters take the minimum over ranks every step (TopK's
   aux-k loss reads them); its firing counts are summed before a checkpoint and at
   the end.
 
-So a run on N ranks takes the steps of one process fed the same global batches. Rank
-0 writes the checkpoints (every rank's data position is the same) and the final SAE;
-a run resumes with the same world size from a checkpoint folder every rank can read.
-Steps that depend on the whole batch see each rank's rows only (BatchTopK's
-batch-level top-k and its running threshold), as in other data-parallel SAE
-trainers. In a single process (no process group) every function
-here is a no-op and training is what it was.
+So a run on N ranks takes the steps of one process fed the same global batches
+(``tests/test_distributed.py``). Rank 0 writes the checkpoints and the final SAE. The
+global batches do not depend on the number of ranks, so a run resumes exactly on any
+number of them, from a checkpoint folder every rank can read. Steps that depend on
+the whole batch see each rank's rows only (BatchTopK's batch-level top-k and its
+running threshold), as in other data-parallel SAE trainers. The SAEs' hooks
+(``sae_gba.collectives``) do nothing without a process group, so single-process
+training is what it was.
 """
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -70,8 +72,6 @@ def init_process_group(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Non
         timeout_s: how long a collective waits for a stuck rank.
     """
     if device.startswith("cuda"):
-        import os
-
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))

@@ -1,9 +1,11 @@
 """Data-parallel training on 2 gloo ranks (forked processes, real collectives).
 
 The ranks are forked from the test process (no second import of torch and SAELens)
-and join a gloo group through a rendezvous file. A weighted GBA SAE covers every
-reduction: gradients, the gathered first batch and variance batches, and GBA's
-window statistics before each bias adaptation.
+and join a gloo group through a rendezvous file; one test starts them with torchrun.
+A weighted GBA SAE covers GBA's reductions: gradients, the gathered first batch and
+variance batches, and the window statistics before each bias adaptation; a TopK SAE
+covers SAELens's dead-latent counters and its activation norm estimate. float64
+keeps the comparison with one process free of gate flips from rounding.
 """
 
 import os
@@ -34,6 +36,8 @@ D_IN, D_SAE, BATCH, STEPS = 16, 64, 32, 24
 RANKS = 2
 # A rank that died must stop the others within this many seconds.
 STOP_BOUND_S = 30.0
+# No run here takes a tenth of this, even on a loaded machine.
+RUN_BOUND_S = 120.0
 
 
 def _activations() -> torch.Tensor:
@@ -161,13 +165,24 @@ def _run(
 ):
     out.mkdir(exist_ok=True)
     (out / "rendezvous").unlink(missing_ok=True)
-    mp.start_processes(
+    context = mp.start_processes(
         _rank_main,
         args=(out, world, arch, fault, resume, every),
         nprocs=world,
         start_method="fork",
-        join=True,
+        join=False,
     )
+    _join(context)
+
+
+def _join(context) -> None:
+    """Wait for the ranks; a failed rank raises, and a hang fails the test."""
+    deadline = time.monotonic() + RUN_BOUND_S
+    while not context.join(timeout=1, grace_period=STOP_BOUND_S):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks were still running after {RUN_BOUND_S} s")
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +260,7 @@ def test_a_rank_that_dies_stops_the_job_with_the_last_checkpoint_intact(tmp_path
             start_method="fork",
             join=False,
         )
-        while not context.join(grace_period=STOP_BOUND_S):
-            pass
+        _join(context)
     assert time.monotonic() - started < STOP_BOUND_S
     message = (tmp_path / "error_0.txt").read_text()
     assert "rank 0 of 2 stopped: " in message and "Connection" in message

@@ -143,6 +143,8 @@ class CachedActivations(Iterator[torch.Tensor]):
         dtype: dtype of the returned batches.
         rank: this rank (None: the process group's, 0 without one).
         world: the number of ranks (None: the process group's, 1 without one).
+        hook_name: the hook the run trains on; a cache of another hook is refused
+            (None: any).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class CachedActivations(Iterator[torch.Tensor]):
         dtype: torch.dtype = torch.float32,
         rank: int | None = None,
         world: int | None = None,
+        hook_name: str | None = None,
     ):
         path = Path(path)
         if not path.is_dir():
@@ -168,6 +171,11 @@ class CachedActivations(Iterator[torch.Tensor]):
                 "one hook column and token_ids"
             )
         self.hook = hooks[0]
+        if hook_name is not None and hook_name != self.hook:
+            raise ValueError(
+                f"activation cache {path} holds {self.hook!r}; this run trains on "
+                f"{hook_name!r} (harvest that hook into another folder)"
+            )
         self.rows = data.with_format("torch", columns=[self.hook])
         self.context, self.d_in = data.features[self.hook].shape
         group = rank_and_world()

@@ -360,7 +360,11 @@ def train_preset_rank(
         sae = TrainingSAE.from_dict(sae_cfg.to_dict()).to(cfg.device)
         train_parallel(
             sae,
-            CachedActivations(out / "activations", cfg.train_batch_size_tokens),
+            CachedActivations(
+                out / "activations",
+                cfg.train_batch_size_tokens,
+                hook_name=cfg.hook_name,
+            ),
             total_tokens=cfg.training_tokens,
             batch_size=cfg.train_batch_size_tokens,
             folder=out,

@@ -49,6 +49,8 @@ def test_cache_holds_the_models_activations_and_ranks_split_each_batch(tmp_path)
         assert batch.shape == (40, 32)
         assert torch.equal(torch.cat([next(r) for r in ranks]), batch)
     assert whole.epoch == 2
+    with pytest.raises(ValueError, match="holds 'blocks.0.hook_resid_post'; this run"):
+        CachedActivations(path, 40, hook_name="blocks.1.hook_resid_post")
     # The position survives a checkpoint folder.
     whole.save_state(tmp_path)
     resumed = CachedActivations(path, batch_size=40, seed=1)

@@ -260,6 +260,7 @@ def _train(args: argparse.Namespace) -> _Job:
     _positive("--layer", settings["layer"], 0)
     _positive("--k", settings["k"])
     _positive("--checkpoint-every", args.checkpoint_every)
+    _positive("--nproc", args.nproc)
     hint = f"pass --resume {out_path} to continue that run or --overwrite to start over"
     out = _output_folder(out_path, resume, args.overwrite, hint)
     if resume and (out / "sae").is_dir() and not (out / "checkpoints").is_dir():
@@ -278,6 +279,14 @@ def _train(args: argparse.Namespace) -> _Job:
         write_text_atomically(out / TRAIN_ARGS_FILE, json.dumps(settings, indent=1))
 
     def run() -> None:
+        if args.nproc is not None:
+            from sae_gba.distributed import train_preset_parallel
+
+            train_preset_parallel(
+                out, out / TRAIN_ARGS_FILE, args.nproc, resume, args.checkpoint_every
+            )
+            print(f"wrote the SAE to {out}/sae")
+            return
         from sae_gba.presets import train_preset
 
         k = settings["k"]
@@ -514,6 +523,8 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> _Job:
 def _bench(args: argparse.Namespace) -> _Job:
     _positive("--threads", args.threads)
     out = _output_file("--out", args.out)
+    if args.benchmark == "scaling":
+        return _bench_scaling(args, out)
 
     def run() -> None:
         from evals.throughput import run_throughput
@@ -525,6 +536,27 @@ def _bench(args: argparse.Namespace) -> _Job:
             )
         print(json.dumps(result["acceptance"], indent=1))
         print(f"wrote {out} and its PNG")
+
+    return run, None
+
+
+def _bench_scaling(args: argparse.Namespace, out: Path) -> _Job:
+    from evals.bench_scaling import SHAPES
+
+    if args.size not in SHAPES:
+        raise UsageError(
+            f"--size {args.size!r} is invalid: must be one of {list(SHAPES)}"
+        )
+    _device(args.device)
+
+    def run() -> None:
+        from evals.bench_scaling import run_scaling
+
+        ranks = (1,) if args.device.startswith("cuda") else (1, 2)
+        result = run_scaling(out, args.size, args.device, args.threads, ranks)
+        print(json.dumps(result["summary"], indent=1))
+        print(f"sparsify: {result['sparsify']}")
+        print(f"wrote {out}")
 
     return run, None
 
@@ -632,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
         "weighted_topk, ...",
     )
     train.add_argument("--k", type=int, help="k for topk / batchtopk architectures")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel ranks on this machine (torchrun; activations are "
+        "harvested once into OUT/activations first)",
+    )
     _add_resume_options(train)
     synth = commands.add_parser(
         "synth", help="synthetic feature-recovery experiments (JSON + PNG)"
@@ -725,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="training throughput of GBA against SAELens's SAEs (JSON + PNG)"
     )
-    bench.add_argument("benchmark", choices=["throughput"])
+    bench.add_argument("benchmark", choices=["throughput", "scaling"])
     bench.add_argument(
         "--out", required=True, help="JSON path (the PNG goes beside it)"
     )
@@ -734,6 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-harvest",
         action="store_true",
         help="skip the embedded model's activation-harvest measurement",
+    )
+    bench.add_argument(
+        "--size", default="default", help="scaling: default or tiny (a check only)"
+    )
+    bench.add_argument(
+        "--device", default="cpu", help="scaling: cpu (gloo, 1 and 2 ranks) or cuda"
     )
     compare = commands.add_parser(
         "compare",

@@ -59,6 +59,7 @@ from sae_gba.bias_adaptation import (
     target_frequencies,
 )
 from sae_gba.buffers import keep_float32
+from sae_gba.collectives import gather_rows, synchronized_window
 from sae_gba.fast_step import fast_step_enabled, fused_forward
 from sae_gba.metrics import logged_lazily, summarize_window
 
@@ -700,7 +701,8 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
 
     @torch.no_grad()
     def _initialize_from_batch(self, sae_in: torch.Tensor) -> None:
-        x = self._process_in(sae_in).reshape(-1, self.cfg.d_in).float()
+        # Data-parallel: from the global batch, the same on every rank.
+        x = gather_rows(self._process_in(sae_in).reshape(-1, self.cfg.d_in).float())
         mean = x.mean(dim=0)
         scale = (x - mean).pow(2).sum(dim=-1).mean().sqrt()
         size = x.pow(2).sum(dim=-1).mean().sqrt()
@@ -744,6 +746,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         return targets[groups]
 
     @torch.no_grad()
+    @synchronized_window  # data-parallel: every rank judges the global window
     def adapt_biases(self) -> None:
         """Adapt every neuron whose window is closed, and start new windows for them."""
         group_targets, groups = self._groups()

@@ -20,7 +20,6 @@ from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
 # Heavy libraries load inside the functions, so `sae-gba demo --help` stays fast.
 if TYPE_CHECKING:
     import torch
-    from sae_lens.saes.sae import SAE
 
 PHASES = ("load the model", "train", "held-out metrics", "latent page")
 
@@ -50,36 +49,6 @@ class DemoConfig:
     eval_windows: int = 160
     lm_dtype: str = "bfloat16"
     seed: int = EMBEDDED.seed
-
-
-def held_out_metrics(sae: SAE[Any], x: torch.Tensor) -> dict[str, float]:
-    """L0 and explained variance of ``sae`` on held-out activations.
-
-    Args:
-        sae: any SAELens SAE.
-        x: (n_tokens, d_in) float32 activations at its hook, BOS positions left out.
-    """
-    import torch
-
-    l0, legacy, sq_err, sq_var, n = 0.0, 0.0, 0.0, 0.0, 0
-    mean = x.mean(dim=0)
-    with torch.no_grad():
-        for chunk in x.split(4096):
-            acts = sae.encode(chunk)
-            out = sae.decode(acts)
-            err = (out - chunk).pow(2).sum(-1)
-            var = (chunk - mean).pow(2).sum(-1)
-            l0 += (acts > 0).sum().item()
-            legacy += (1 - err / var).sum().item()
-            sq_err += err.sum().item()
-            sq_var += var.sum().item()
-            n += chunk.shape[0]
-    return {
-        "eval_tokens": n,
-        "l0": l0 / n,
-        "explained_variance_legacy": legacy / n,
-        "explained_variance": 1 - sq_err / sq_var,
-    }
 
 
 def group_report(
@@ -176,11 +145,12 @@ def run_demo(
     from sae_gba.embedded import (
         EMBEDDED_MODEL_NAME,
         embedded_token_dataset,
-        load_embedded_model,
         require_demo_extra,
     )
     from sae_gba.latent_page import PageOptions, build_latent_page, hook_activations
+    from sae_gba.lm.models import load_model
     from sae_gba.loading import read_sae_config
+    from sae_gba.metrics import held_out_metrics
     from sae_gba.training import ResumableRunner, latest_checkpoint
 
     require_demo_extra()  # before minutes of work, not at the final plot
@@ -198,7 +168,7 @@ def run_demo(
         adaptation_interval=cfg.adaptation_interval,
     )
     _phase(0)
-    model = load_embedded_model(dtype=getattr(torch, cfg.lm_dtype))
+    model = load_model(EMBEDDED_MODEL_NAME, dtype=getattr(torch, cfg.lm_dtype))
     checkpoints = out / "checkpoints"
     _phase(1)
     train_start = time.time()

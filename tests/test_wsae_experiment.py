@@ -6,8 +6,17 @@ import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
-from evals.synthetic_lab import run_experiment
-from evals.wsae_experiment import (
+from sae_gba.weighted import ESTIMATED, input_weights
+from sae_gba.wsae_theory import (
+    closed_form_encoder,
+    ground_truth_error_on_support,
+    make_wsae_data,
+    polysemantic_error,
+    sae_latents,
+    sae_reconstruction,
+)
+from sae_gba_evals.lab.experiments import run_experiment
+from sae_gba_evals.lab.wsae import (
     WSAESettings,
     build_sae,
     estimation_variance,
@@ -18,15 +27,6 @@ from evals.wsae_experiment import (
     moderate_sparsity_summary,
     run_cell,
     train_sae,
-)
-from sae_gba.weighted import ESTIMATED, input_weights
-from sae_gba.wsae_theory import (
-    closed_form_encoder,
-    ground_truth_error_on_support,
-    make_wsae_data,
-    polysemantic_error,
-    sae_latents,
-    sae_reconstruction,
 )
 
 TINY = WSAESettings(

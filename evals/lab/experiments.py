@@ -23,16 +23,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from evals.synthetic_methods import (
-    Probe,
-    RunSpec,
-    dictionary,
-    feature_frequency,
-    measure,
-    train,
-)
-from evals.synthetic_plots import plot
-from evals.wsae_experiment import wsae_experiment
 from sae_gba.atomic import write_text_atomically
 from sae_gba.gba_sae import GBATrainingSAEConfig
 from sae_gba.recovery import (
@@ -47,6 +37,16 @@ from sae_gba.synthetic import (
     longtail_preset,
     uniform_preset,
 )
+from sae_gba_evals.lab.methods import (
+    Probe,
+    RunSpec,
+    dictionary,
+    feature_frequency,
+    measure,
+    train,
+)
+from sae_gba_evals.lab.plots import plot
+from sae_gba_evals.lab.wsae import wsae_experiment
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -1,9 +1,9 @@
 """``sae-gba eval``: SAEBench 0.6's core and first-letter absorption evals, offline.
 
-Every metric is SAEBench's own code: :func:`run_core` calls
-``sae_bench.evals.core.main.run_evals`` (both explained-variance definitions, MSE,
-cosine, L0/L1, shrinkage, CE and KL scores, per-latent densities and with them
-``frac_alive``), and ``evals.saebench_absorption.run_absorption`` calls SAEBench's
+Every metric is SAEBench's own code: :func:`sae_gba_evals.saebench.core.run_core`
+calls ``sae_bench.evals.core.main.run_evals`` (both explained-variance definitions,
+MSE, cosine, L0/L1, shrinkage, CE and KL scores, per-latent densities and with them
+``frac_alive``), and ``sae_gba_evals.saebench.absorption.run_absorption`` calls SAEBench's
 absorption stages and assembles its ``AbsorptionEvalOutput`` as ``run_eval`` does.
 Only the model and the data are injected: SAEBench's top-level entry points load both
 from the Hub by name. Each eval writes SAEBench's own result JSON
@@ -79,110 +79,33 @@ Wikipedia slice is 36k tokens, too few to see latents that fire once in 10^5 tok
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from sae_gba.atomic import write_text_atomically
+from sae_gba_evals.saebench.absorption import run_absorption
+from sae_gba_evals.saebench.common import (
+    EVAL_PRESETS,
+    EvalError,
+    EvalSettings,
+    dtype_name,
+    prepare_sae,
+    preset_for,
+    require_saebench,
+    saebench_version,
+)
+from sae_gba_evals.saebench.core import run_core
 
 if TYPE_CHECKING:
     import datasets
-    from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
 EVAL_TYPES = ("core", "absorption")
-RELEASE = "sae_gba"
-# SAE latents with elementwise encoders: folding decoder norms keeps their function.
-_FOLDABLE = ("standard", "jumprelu", "gated")
-
-
-class EvalError(ValueError):
-    """An SAE folder, model, data or option that cannot be evaluated as asked."""
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How much data and which dtypes an eval uses.
-
-    Args:
-        n_tokens: held-out tokens for sparsity, variance and alive fraction; None
-            means every held-out window.
-        n_recon_tokens: held-out tokens for the CE and KL scores.
-        context_size: tokens per window, BOS included.
-        batch_size_prompts: windows per forward pass, at most (the largest divisor
-            of the window count not above it is used, so every window is read once).
-        llm_dtype: model dtype for the core eval.
-        absorption_dtype: model dtype for absorption.
-        absorption_words: letter-only vocabulary words for the absorption probes;
-            None means all of them.
-        absorption_llm_batch_size: prompts per forward pass in absorption.
-        seed: seed of the window order, the word sample and the probe splits.
-    """
-
-    n_tokens: int | None = None
-    n_recon_tokens: int = 8_192
-    context_size: int = 128
-    batch_size_prompts: int = 4
-    llm_dtype: str = "float32"
-    absorption_dtype: str = "bfloat16"
-    absorption_words: int | None = 40_000
-    absorption_llm_batch_size: int = 32
-    seed: int = 42
-
-
-EVAL_PRESETS: dict[str, EvalSettings] = {
-    "embedded": EvalSettings(),
-    "gemma-2-2b": EvalSettings(
-        n_recon_tokens=20_480,
-        batch_size_prompts=16,
-        llm_dtype="bfloat16",
-        absorption_words=None,
-    ),
-}
-
-
-def require_saebench() -> None:
-    """Raise :class:`EvalError` naming sae-gba's evals extra if SAEBench is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("sae_bench") is None:
-        raise EvalError(
-            "SAEBench is not installed; it comes with sae-gba's evals extra: "
-            "pip install 'sae-gba[evals]'"
-        )
-
-
-def preset_for(model_name: str) -> str:
-    """The eval preset for an SAE's model: "gemma-2-2b" for Gemma-2, else "embedded"."""
-    return "gemma-2-2b" if "gemma-2-" in model_name else "embedded"
-
-
-def prepare_sae(sae: SAE[Any], device: str, dtype: str) -> SAE[Any]:
-    """SAEBench's SAE preparation: its cfg fields, unit-norm decoder rows, dtype.
-
-    ``general_utils.load_and_format_sae`` fills in ``hook_layer`` and friends. Decoder
-    norms are folded into the encoder (as SAEBench does for pretrained SAEs) when that
-    keeps the SAE's function, so absorption's probe projections are in the units it
-    assumes; TopK-style encoders are left as they are.
-    """
-    from sae_bench.sae_bench_utils import general_utils
-
-    _, sae, _ = general_utils.load_and_format_sae(RELEASE, sae, device)
-    norms = sae.W_dec.detach().norm(dim=-1)
-    if sae.cfg.architecture_str in _FOLDABLE and not torch.allclose(
-        norms, torch.ones_like(norms), atol=1e-5
-    ):
-        with contextlib.suppress(NotImplementedError):
-            sae.fold_W_dec_norm()
-    return sae.to(device=device, dtype=general_utils.str_to_dtype(dtype))
 
 
 def load_model_for_sae(
@@ -191,7 +114,7 @@ def load_model_for_sae(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> HookedTransformer:
-    """Load the model an SAE folder's cfg names, offline where the weights are local.
+    """The model an SAE folder's cfg names (:func:`sae_gba.lm.models.load_model`).
 
     Args:
         sae_cfg: the SAE's ``cfg.json`` (``metadata.model_name``, ``d_in``).
@@ -201,250 +124,41 @@ def load_model_for_sae(
         dtype: model dtype name ("float32", "bfloat16", ...).
     """
     from sae_bench.sae_bench_utils.general_utils import str_to_dtype
-    from transformer_lens import HookedTransformer
 
-    from sae_gba.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
-    from sae_gba.presets import load_gemma2_folder
+    from sae_gba.lm.models import load_model
 
     meta = sae_cfg.get("metadata", {})
     name = meta.get("model_name") or sae_cfg.get("model_name")
     if not name:
-        raise EvalError("the SAE's cfg.json names no model (metadata.model_name)")
-    torch_dtype = str_to_dtype(dtype)
-    kwargs = meta.get("model_from_pretrained_kwargs") or {}
-    if model_path is None:
-        if name == EMBEDDED_MODEL_NAME:
-            return load_embedded_model(device=device, dtype=torch_dtype)
-        return HookedTransformer.from_pretrained_no_processing(
-            name, device=device, dtype=torch_dtype, **kwargs
-        )
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(model_path)
-    if not (folder / "config.json").is_file():
-        raise EvalError(
-            f"--model-path {folder} is not a Hugging Face model folder (no config.json)"
-        )
-    if AutoConfig.from_pretrained(folder).model_type == "gemma2":
-        return load_gemma2_folder(
-            folder, sae_cfg["d_in"], device=device, dtype=torch_dtype
-        )
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return HookedTransformer.from_pretrained_no_processing(
+        raise ValueError("the SAE's cfg.json names no model (metadata.model_name)")
+    return load_model(
         name,
-        hf_model=hf_model,
-        tokenizer=AutoTokenizer.from_pretrained(folder),
+        model_path,
+        d_in=sae_cfg["d_in"],
         device=device,
-        dtype=torch_dtype,
-        **kwargs,
+        dtype=str_to_dtype(dtype),
+        from_pretrained_kwargs=meta.get("model_from_pretrained_kwargs"),
     )
 
 
 def held_out_tokens(
     model: HookedTransformer, context_size: int = 128, dataset_path: str | None = None
 ) -> tuple[datasets.Dataset, str]:
-    """Held-out token windows for ``model`` and a label saying what they are.
+    """Held-out windows (:func:`sae_gba.lm.data.read_windows`) as SAEBench reads them.
 
     Args:
         model: the evaluated model (its tokenizer tokenizes the text).
         context_size: tokens per window, BOS first.
-        dataset_path: a ``save_to_disk`` folder to read instead of the held-out
+        dataset_path: a ``save_to_disk`` folder to read whole instead of the held-out
             Wikipedia articles.
 
     Returns:
         A dataset with a "tokens" column of equal-length windows, and its label.
     """
-    import datasets
+    from sae_gba.lm.data import read_windows, windows_dataset
 
-    from sae_gba import embedded
-    from sae_gba.presets import load_local_dataset
-
-    name, label = (
-        embedded.EMBEDDED_MODEL_NAME,
-        "sae_gba.embedded Wikipedia, held-out articles",
-    )
-    if dataset_path is not None:
-        data, label = load_local_dataset(dataset_path), f"local dataset {dataset_path}"
-        if "text" not in data.column_names:
-            column = "tokens" if "tokens" in data.column_names else "input_ids"
-            rows = [row[:context_size] for row in data[column]]
-            if any(len(row) < context_size for row in rows):
-                raise EvalError(
-                    f"{dataset_path}: rows must hold at least {context_size} tokens"
-                )
-            return datasets.Dataset.from_dict({"tokens": rows}), label
-        texts = list(data["text"])
-    elif model.cfg.model_name in (name, name.split("/")[-1]):
-        return embedded.embedded_token_dataset("held_out", context_size), label
-    else:
-        articles = embedded.split_articles(embedded.wikipedia_articles(), 0.1)[1]
-        texts = [a.text for a in articles]
-    if model.tokenizer is None:
-        raise EvalError("the model has no tokenizer; pass token windows instead")
-    windows = embedded.tokenize_windows(model.tokenizer, texts, context_size)
-    return datasets.Dataset.from_dict({"tokens": windows.tolist()}), label
-
-
-def _ignore_tokens(model: HookedTransformer) -> set[int | None]:
-    tok = model.tokenizer
-    if tok is None:
-        return set()
-    ids = {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}
-    return {i for i in ids if i is not None}
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-
-
-def result_path(out_dir: Path, sae_name: str) -> Path:
-    """Where SAEBench names an SAE's result file in ``out_dir``."""
-    from sae_bench.sae_bench_utils.general_utils import get_results_filepath
-
-    return Path(get_results_filepath(str(out_dir), RELEASE, sae_name))
-
-
-def add_provenance(path: Path, info: dict[str, Any]) -> None:
-    """Record this plugin's data and token counts in a SAEBench result file."""
-    data = json.loads(path.read_text())
-    data["eval_result_unstructured"] = {"sae_gba": info}
-    write_text_atomically(path, json.dumps(data, indent=2))
-
-
-def run_core(
-    sae: SAE[Any],
-    model: HookedTransformer,
-    tokens: datasets.Dataset,
-    out_dir: str | Path,
-    *,
-    settings: EvalSettings = EvalSettings(),
-    sae_name: str = "sae",
-    data_label: str = "in-memory tokens",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """SAEBench's core eval of ``sae`` on ``tokens``; writes SAEBench's result JSON.
-
-    One ``run_evals`` call reads the CE/KL windows first, then every sparsity window
-    exactly once (the batch size divides the window count, and the activation store
-    wraps around), so L0, explained variance and ``frac_alive`` cover all of them.
-
-    Args:
-        sae: a SAELens SAE prepared by :func:`prepare_sae`.
-        model: the model its hook belongs to.
-        tokens: equal-length windows in a "tokens" column (BOS first).
-        out_dir: folder for ``sae_gba_<sae_name>_eval_results.json``.
-        settings: token counts and batch size.
-        sae_name: the SAE's name in SAEBench's output.
-        data_label: what the tokens are, recorded in the output.
-        progress: show SAEBench's bars over the reconstruction and the sparsity
-            batches.
-
-    Returns:
-        SAEBench's metrics by category, the JSON path and the token counts.
-    """
-    from sae_bench.evals.core import main as core
-    from sae_lens.training.activations_store import ActivationsStore
-
-    context = len(tokens[0]["tokens"])
-    n_windows = len(tokens)
-    if settings.n_tokens is not None:
-        n_windows = min(n_windows, math.ceil(settings.n_tokens / context))
-    if n_windows < 1:
-        raise EvalError("no token windows to evaluate on")
-    tokens = tokens.shuffle(seed=settings.seed).select(range(n_windows))
-    batch = _largest_divisor_at_most(n_windows, settings.batch_size_prompts)
-    n_recon_windows = min(n_windows, math.ceil(settings.n_recon_tokens / context))
-    n_recon_batches = max(1, math.ceil(n_recon_windows / batch))
-    ignore = _ignore_tokens(model)
-    windows = torch.tensor(tokens["tokens"])
-    text_tokens = int((~torch.isin(windows, torch.tensor(sorted(ignore)))).sum())
-    config = _core_config(
-        model, data_label, context, batch, n_recon_batches, n_windows // batch
-    )
-    store = ActivationsStore.from_sae(
-        model,
-        sae,
-        dataset=tokens,
-        context_size=context,
-        total_tokens=n_windows,
-        device=str(sae.device),
-    )
-    scalar, per_latent = core.run_evals(
-        sae, store, model, eval_config=config, ignore_tokens=ignore, verbose=progress
-    )
-    scalar["misc_metrics"] = core.calculate_misc_metrics(per_latent)
-    result = core.replace_nans_with_negative_one(
-        {
-            "sae_set": RELEASE,
-            "sae_id": sae_name,
-            "eval_cfg": config,
-            "metrics": scalar,
-            "feature_metrics": per_latent,
-        }
-    )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = result_path(out_dir, sae_name)
-    core.save_single_eval_result(
-        result,
-        core.get_eval_uuid(),
-        version("sae_lens"),
-        saebench_version(),
-        str(path),
-        sae,
-    )
-    info = {
-        "data": data_label,
-        "held_out_windows": n_windows,
-        "context_size": context,
-        "sparsity_variance_tokens": n_windows * context,
-        "sparsity_variance_tokens_without_special": text_tokens,
-        "reconstruction_tokens": n_recon_batches * batch * context,
-        "excluded_token_ids": sorted(ignore),
-        "sae_decoder_unit_norm": _is_unit_norm(sae),
-    }
-    add_provenance(path, info)
-    return {"path": str(path), "metrics": result["metrics"], "tokens": info}
-
-
-def _core_config(
-    model: HookedTransformer,
-    data_label: str,
-    context: int,
-    batch: int,
-    n_recon_batches: int,
-    n_sparsity_batches: int,
-) -> Any:
-    """SAEBench's ``CoreEvalConfig`` with every metric on, as its own CLI runs it."""
-    from sae_bench.evals.core.main import CoreEvalConfig
-
-    return CoreEvalConfig(
-        model_name=model.cfg.model_name,
-        llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
-        batch_size_prompts=batch,
-        n_eval_reconstruction_batches=n_recon_batches,
-        n_eval_sparsity_variance_batches=n_sparsity_batches,
-        dataset=data_label,
-        context_size=context,
-        compute_kl=True,
-        compute_ce_loss=True,
-        compute_l2_norms=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True,
-        compute_featurewise_weight_based_metrics=True,
-        exclude_special_tokens_from_reconstruction=True,
-    )
-
-
-def _is_unit_norm(sae: SAE[Any]) -> bool:
-    norms = sae.W_dec.detach().float().norm(dim=-1)
-    return bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-2))
-
-
-def saebench_version() -> str:
-    """The SAEBench release, for the result files' ``sae_bench_commit_hash``."""
-    return f"sae_bench=={version('sae-bench')}"
+    windows, label = read_windows(model, "held_out", context_size, dataset_path)
+    return windows_dataset(windows), label
 
 
 def evaluate(
@@ -475,10 +189,14 @@ def evaluate(
         model: an already loaded model (used as it is, in its dtype, for both evals).
         progress: show a bar for each phase (core's batches, absorption's stages).
         **settings_fields: :class:`EvalSettings` fields overriding the preset's.
+
+    Raises:
+        EvalError: a bad folder, model, dataset or option, named.
     """
     require_saebench()
     from sae_bench.sae_bench_utils.general_utils import str_to_dtype
 
+    from sae_gba.lm.windows import load_local_dataset
     from sae_gba.loading import load_sae, read_sae_config
 
     unknown = sorted(set(evals) - set(EVAL_TYPES))
@@ -486,6 +204,8 @@ def evaluate(
         raise EvalError(f"evals must be among {list(EVAL_TYPES)}, got {list(evals)}")
     try:
         cfg = read_sae_config(sae_dir)
+        if dataset_path is not None:
+            load_local_dataset(dataset_path)
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
     model_name = cfg.get("metadata", {}).get("model_name") or ""
@@ -493,25 +213,24 @@ def evaluate(
     if preset not in EVAL_PRESETS:
         raise EvalError(f"preset must be one of {sorted(EVAL_PRESETS)}, got {preset!r}")
     settings = replace(EVAL_PRESETS[preset], **settings_fields)
-    if dataset_path is not None:
-        from sae_gba.presets import load_local_dataset
-
-        try:
-            load_local_dataset(dataset_path)
-        except (FileNotFoundError, ValueError) as err:
-            raise EvalError(str(err)) from err
     out, sae_name = Path(out), Path(sae_dir).resolve().name
     timings: dict[str, float] = {}
     start = time.perf_counter()
     owns_model = model is None
     if model is None:
-        model = load_model_for_sae(cfg, model_path, device, settings.llm_dtype)
+        try:
+            model = load_model_for_sae(cfg, model_path, device, settings.llm_dtype)
+        except (FileNotFoundError, ValueError) as err:
+            raise EvalError(str(err)) from err
     timings["model_load_s"] = time.perf_counter() - start
     results: dict[str, Any] = {}
     if "core" in evals:
         start = time.perf_counter()
-        tokens, label = held_out_tokens(model, settings.context_size, dataset_path)
-        sae = prepare_sae(load_sae(sae_dir, device), device, _dtype_name(model))
+        try:
+            tokens, label = held_out_tokens(model, settings.context_size, dataset_path)
+        except (FileNotFoundError, ValueError) as err:
+            raise EvalError(str(err)) from err
+        sae = prepare_sae(load_sae(sae_dir, device), device, dtype_name(model))
         results["core"] = run_core(
             sae,
             model,
@@ -525,13 +244,11 @@ def evaluate(
         timings["core_s"] = time.perf_counter() - start
     if "absorption" in evals:
         start = time.perf_counter()
-        if owns_model and _dtype_name(model) != settings.absorption_dtype:
+        if owns_model and dtype_name(model) != settings.absorption_dtype:
             model = model.to(
                 str_to_dtype(settings.absorption_dtype), print_details=False
             )
-        sae = prepare_sae(load_sae(sae_dir, device), device, _dtype_name(model))
-        from evals.saebench_absorption import run_absorption
-
+        sae = prepare_sae(load_sae(sae_dir, device), device, dtype_name(model))
         results["absorption"] = run_absorption(
             sae, model, out / "absorption", settings=settings, sae_name=sae_name
         )
@@ -547,10 +264,6 @@ def evaluate(
         "timings": timings,
         "summary": str(summary),
     }
-
-
-def _dtype_name(model: HookedTransformer) -> str:
-    return str(model.cfg.dtype).removeprefix("torch.")
 
 
 _CORE_ROWS = (

@@ -250,16 +250,18 @@ def profile_steps(step: Callable[[], Any], steps: int, top: int = 12) -> list[di
 
 
 def harvest_rate(windows: int = 48, batch_windows: int = 16) -> dict[str, float]:
-    """Tokens/s of the embedded Gemma-3-270M up to layer 9 resid_post, bfloat16.
+    """Tokens/s of :func:`sae_gba.lm.harvest.harvest` on the embedded Gemma-3-270M.
 
-    The demo's harvest: ``run_with_cache`` on 128-token windows, stopping after the
-    hooked block; BOS positions are not counted (the runner excludes them).
+    Layer 9 resid_post in bfloat16 on 128-token windows, the forward pass stopped
+    after the hooked block; BOS positions are dropped and not counted.
     """
-    from sae_gba.embedded import embedded_token_dataset, load_embedded_model
+    from sae_gba.embedded import EMBEDDED_MODEL_NAME, embedded_token_dataset
+    from sae_gba.lm.harvest import harvest
+    from sae_gba.lm.models import load_model
     from sae_gba.presets import EMBEDDED
 
     start = time.perf_counter()
-    model = load_embedded_model(dtype=torch.bfloat16)
+    model = load_model(EMBEDDED_MODEL_NAME, dtype=torch.bfloat16)
     load_seconds = time.perf_counter() - start
     tokens = torch.tensor(
         embedded_token_dataset("train", EMBEDDED.context_size)["tokens"][
@@ -267,20 +269,12 @@ def harvest_rate(windows: int = 48, batch_windows: int = 16) -> dict[str, float]
         ]
     )
     hook = EMBEDDED.hook_name
-
-    @torch.no_grad()
-    def harvest(batch: torch.Tensor) -> torch.Tensor:
-        _, cache = model.run_with_cache(
-            batch, names_filter=hook, stop_at_layer=EMBEDDED.layer + 1
-        )
-        return cache[hook][:, 1:]
-
-    harvest(tokens[:batch_windows])  # warm-up
+    harvest(model, hook, tokens[:batch_windows], progress=False)  # warm-up
     start = time.perf_counter()
     n = 0
     starts = range(batch_windows, batch_windows + windows, batch_windows)
     for i in tqdm(starts, desc="bench: harvest", unit="batch"):
-        n += harvest(tokens[i : i + batch_windows]).shape[:2].numel()
+        n += len(harvest(model, hook, tokens[i : i + batch_windows], progress=False))
     seconds = time.perf_counter() - start
     return {
         "harvest_tokens_per_s": n / seconds,

@@ -1,4 +1,4 @@
-"""SAEBench 0.6's first-letter absorption eval with an injected model (see evals.saebench).
+"""SAEBench 0.6's first-letter absorption eval with an injected model.
 
 The stages are SAEBench's own: ``common.create_and_train_probe`` (ground-truth
 probes), ``run_k_sparse_probing_experiment`` and ``FeatureAbsorptionCalculator``; the
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from evals.saebench import (
+from sae_gba_evals.saebench.common import (
     RELEASE,
     EvalError,
     EvalSettings,
@@ -206,7 +206,7 @@ def run_absorption(
     status says so.
 
     Args:
-        sae: a SAELens SAE prepared by ``evals.saebench.prepare_sae``.
+        sae: a SAELens SAE prepared by ``sae_gba_evals.saebench.prepare_sae``.
         model: the model, with a tokenizer, in the dtype to run (recorded).
         out_dir: folder for the JSON files and SAEBench's working files.
         settings: word sample, batch size, seed (None: the defaults).

@@ -18,15 +18,10 @@ from sae_gba_evals.compare.config import (
     resolve_request,
     sweep_points,
 )
-from sae_gba_evals.compare.data import (
-    load_or_harvest,
-    model_and_hook,
-    preset_data,
-    saved_harvest_seconds,
-)
+from sae_gba_evals.compare.data import model_and_hook, preset_data
 from sae_gba_evals.compare.evaluate import evaluate_all
 from sae_gba_evals.compare.report import report
-from sae_gba_evals.compare.train import sae_metadata, train_pending, trained_record
+from sae_gba_evals.compare.train import harvest_and_train, sae_metadata, trained_record
 from sae_gba_evals.saebench.common import EvalError, require_saebench
 
 if TYPE_CHECKING:
@@ -40,6 +35,32 @@ def _default_command(
     return (
         f"sae-gba compare --out {out} --preset {preset} --size {size.name} "
         f"--methods {','.join(methods)}"
+    )
+
+
+def _windows(
+    preset: ComparePreset,
+    model: HookedTransformer,
+    dataset_path: str | None,
+    seed: int,
+    train_windows: torch.Tensor | None,
+    held_out: datasets.Dataset | None,
+) -> tuple[torch.Tensor, datasets.Dataset, str, str]:
+    """The given windows, or the preset's (:func:`preset_data`), with their labels."""
+    if train_windows is not None and held_out is not None:
+        return train_windows, held_out, "given token windows", "given token windows"
+    windows, held, train_label, held_label = preset_data(
+        preset, model, dataset_path, seed
+    )
+    if train_windows is not None:
+        train_label = "given token windows"
+    if held_out is not None:
+        held_label = "given token windows"
+    return (
+        windows if train_windows is None else train_windows,
+        held if held_out is None else held_out,
+        train_label,
+        held_label,
     )
 
 
@@ -104,34 +125,20 @@ def run_compare(
         chosen, model, model_path, device, size.llm_dtype, layer
     )
     timings = {"model_load_s": time.perf_counter() - wall}
-    train_label = held_label = "given token windows"
-    if train_windows is None or held_out is None:
-        windows, held, train_label, held_label = preset_data(
-            chosen, model, dataset_path, seed
-        )
-        train_windows = windows if train_windows is None else train_windows
-        held_out = held if held_out is None else held_out
-    harvest_info: dict[str, Any] = {
-        "seconds": 0.0,
-        "first_harvest_seconds": saved_harvest_seconds(out),
-        "skipped": "all SAEs trained",
-    }
-    if any(record is None for record in records.values()):
-        acts, harvest_info = load_or_harvest(
-            out,
-            model,
-            hook_name,
-            train_windows,
-            size.training_tokens,
-            size.harvest_batch_windows,
-            progress,
-        )
-        metadata = sae_metadata(model_name, hook_name, train_windows, train_label)
-        device = str(model.cfg.device)
-        train_pending(
-            out, acts, size, points, records, metadata, seed, device, progress
-        )
-        del acts
+    train_windows, held_out, train_label, held_label = _windows(
+        chosen, model, dataset_path, seed, train_windows, held_out
+    )
+    harvest_info = harvest_and_train(
+        out,
+        model,
+        (hook_name, sae_metadata(model_name, hook_name, train_windows, train_label)),
+        train_windows,
+        size,
+        points,
+        records,
+        seed,
+        progress,
+    )
     timings["harvest_s"] = harvest_info["seconds"]
     timings["train_s"] = sum(r.get("seconds_this_run", 0.0) for r in records.values())
     start = time.perf_counter()

@@ -20,10 +20,15 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_gba_evals.compare.config import CompareError, CompareSize, SweepPoint
-from sae_gba_evals.compare.data import normalize_per_token
+from sae_gba_evals.compare.data import (
+    load_or_harvest,
+    normalize_per_token,
+    saved_harvest_seconds,
+)
 
 if TYPE_CHECKING:
     from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+    from transformer_lens import HookedTransformer
 
 TRAIN_INFO_FILE = "compare_train.json"
 # A latent that has not fired for this many training tokens counts as dead for
@@ -244,3 +249,53 @@ def train_pending(
         record = train_one(point, data, size, folder, metadata, seed, device)
         record["seconds_this_run"] = record["train_seconds"]
         records[point.name] = record
+
+
+def harvest_and_train(
+    out: Path,
+    model: HookedTransformer,
+    hook: tuple[str, dict[str, Any]],
+    windows: torch.Tensor,
+    size: CompareSize,
+    points: Sequence[SweepPoint],
+    records: dict[str, dict[str, Any] | None],
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Harvest (or read back) the training activations and train the pending SAEs.
+
+    Nothing is harvested when every SAE is trained already.
+
+    Args:
+        out: the comparison folder.
+        model: the language model (the SAEs train on its device).
+        hook: the hook name and the SAELens metadata of the saved SAEs.
+        windows: training token windows.
+        size: the comparison size.
+        points: the sweep.
+        records: SAE name -> training record, None where not trained yet (updated).
+        seed: training seed.
+        progress: show progress bars.
+
+    Returns:
+        Where the activations came from and how long the harvest took.
+    """
+    if all(record is not None for record in records.values()):
+        return {
+            "seconds": 0.0,
+            "first_harvest_seconds": saved_harvest_seconds(out),
+            "skipped": "all SAEs trained",
+        }
+    hook_name, metadata = hook
+    acts, info = load_or_harvest(
+        out,
+        model,
+        hook_name,
+        windows,
+        size.training_tokens,
+        size.harvest_batch_windows,
+        progress,
+    )
+    device = str(model.cfg.device)
+    train_pending(out, acts, size, points, records, metadata, seed, device, progress)
+    return info

@@ -116,17 +116,7 @@ def run_core(
             "feature_metrics": per_latent,
         }
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = result_path(out_dir, sae_name)
-    core.save_single_eval_result(
-        result,
-        core.get_eval_uuid(),
-        version("sae_lens"),
-        saebench_version(),
-        str(path),
-        sae,
-    )
+    path = _save_result(result, sae, Path(out_dir), sae_name)
     info = {
         "data": data_label,
         "held_out_windows": n_windows,
@@ -139,6 +129,25 @@ def run_core(
     }
     add_provenance(path, info)
     return {"path": str(path), "metrics": result["metrics"], "tokens": info}
+
+
+def _save_result(
+    result: dict[str, Any], sae: SAE[Any], out_dir: Path, sae_name: str
+) -> Path:
+    """Write SAEBench's core result file as its own runner does; returns its path."""
+    from sae_bench.evals.core import main as core
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = result_path(out_dir, sae_name)
+    core.save_single_eval_result(
+        result,
+        core.get_eval_uuid(),
+        version("sae_lens"),
+        saebench_version(),
+        str(path),
+        sae,
+    )
+    return path
 
 
 def _core_config(

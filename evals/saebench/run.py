@@ -194,10 +194,8 @@ def evaluate(
         EvalError: a bad folder, model, dataset or option, named.
     """
     require_saebench()
-    from sae_bench.sae_bench_utils.general_utils import str_to_dtype
-
     from sae_gba.lm.windows import load_local_dataset
-    from sae_gba.loading import load_sae, read_sae_config
+    from sae_gba.loading import read_sae_config
 
     unknown = sorted(set(evals) - set(EVAL_TYPES))
     if unknown or not evals:
@@ -213,7 +211,7 @@ def evaluate(
     if preset not in EVAL_PRESETS:
         raise EvalError(f"preset must be one of {sorted(EVAL_PRESETS)}, got {preset!r}")
     settings = replace(EVAL_PRESETS[preset], **settings_fields)
-    out, sae_name = Path(out), Path(sae_dir).resolve().name
+    out = Path(out)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     owns_model = model is None
@@ -223,7 +221,46 @@ def evaluate(
         except (FileNotFoundError, ValueError) as err:
             raise EvalError(str(err)) from err
     timings["model_load_s"] = time.perf_counter() - start
+    results, eval_timings = _run_evals(
+        sae_dir, model, device, evals, settings, out, dataset_path, owns_model, progress
+    )
+    timings.update(eval_timings)
+    summary = out / "summary.md"
+    write_text_atomically(
+        summary, summary_markdown(sae_dir, cfg, preset, settings, results, timings)
+    )
+    return {
+        "preset": preset,
+        "settings": asdict(settings),
+        "results": results,
+        "timings": timings,
+        "summary": str(summary),
+    }
+
+
+def _run_evals(
+    sae_dir: str | Path,
+    model: HookedTransformer,
+    device: str,
+    evals: Sequence[str],
+    settings: EvalSettings,
+    out: Path,
+    dataset_path: str | None,
+    owns_model: bool,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Core then absorption on the SAE folder; their results and wall times.
+
+    The model moves to ``settings.absorption_dtype`` for absorption only when it was
+    loaded here (``owns_model``); a given model is used as it is.
+    """
+    from sae_bench.sae_bench_utils.general_utils import str_to_dtype
+
+    from sae_gba.loading import load_sae
+
+    sae_name = Path(sae_dir).resolve().name
     results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
     if "core" in evals:
         start = time.perf_counter()
         try:
@@ -253,17 +290,7 @@ def evaluate(
             sae, model, out / "absorption", settings=settings, sae_name=sae_name
         )
         timings["absorption_s"] = time.perf_counter() - start
-    summary = out / "summary.md"
-    write_text_atomically(
-        summary, summary_markdown(sae_dir, cfg, preset, settings, results, timings)
-    )
-    return {
-        "preset": preset,
-        "settings": asdict(settings),
-        "results": results,
-        "timings": timings,
-        "summary": str(summary),
-    }
+    return results, timings
 
 
 _CORE_ROWS = (

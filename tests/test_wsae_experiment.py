@@ -23,11 +23,10 @@ from sae_gba_evals.lab.wsae import (
     evaluate,
     loss_scale_ratio,
     method_name,
-    method_names,
-    moderate_sparsity_summary,
     run_cell,
     train_sae,
 )
+from sae_gba_evals.lab.wsae_run import method_names, moderate_sparsity_summary
 
 TINY = WSAESettings(
     n=12,

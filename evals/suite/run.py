@@ -29,7 +29,7 @@ from sae_lens.util import temporary_seed
 from tqdm.auto import tqdm
 
 from sae_gba.recovery import best_match_cosine
-from sae_gba_evals.lab.experiments import _worker_init
+from sae_gba_evals.lab.runner import worker_init
 from sae_gba_evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
 from sae_gba_evals.suite.methods import l1_rule, method_k, sae_config
 
@@ -215,7 +215,7 @@ def run_jobs(
         with ProcessPoolExecutor(
             min(workers, len(jobs)),
             mp_context=get_context("spawn"),
-            initializer=_worker_init,
+            initializer=worker_init,
             initargs=(os.getpid(),),
         ) as pool:
             futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}

@@ -310,13 +310,11 @@ def train_preset(
     Returns:
         The trained SAE (its exported inference form is in ``out/sae``).
     """
-    import shutil
-
     import torch
 
+    from sae_gba.lm.windows import load_local_dataset
     from sae_gba.training import (
         RUNNER_CFG_FILENAME,
-        ResumableRunner,
         check_same_config,
         latest_checkpoint,
     )
@@ -336,8 +334,6 @@ def train_preset(
     if checkpoint is not None:  # before the model load too
         check_same_config(cfg, checkpoint / RUNNER_CFG_FILENAME)
     # Check the data before the (possibly minutes-long) model load.
-    from sae_gba.lm.windows import load_local_dataset
-
     dataset = load_local_dataset(dataset_path) if dataset_path is not None else None
     if dataset is not None:
         check_dataset_size(dataset, preset, dataset_path)
@@ -347,15 +343,56 @@ def train_preset(
         raise ValueError(
             f"layer {layer} does not exist: the model has {model.cfg.n_layers} layers"
         )
+    # SAELens's runner seeds nothing: the SAE's initialisation and the activation
+    # buffer's shuffles come from torch's global generator.
+    torch.manual_seed(preset.seed)
+    return run_training(
+        cfg,
+        preset,
+        out,
+        model,
+        dataset,
+        resume=resume,
+        checkpoint_interval_s=checkpoint_interval_s,
+    )
+
+
+def run_training(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    preset: ModelPreset,
+    out: Path,
+    model: HookedTransformer,
+    dataset: datasets.Dataset | None = None,
+    *,
+    resume: bool = False,
+    checkpoint_interval_s: float = 300.0,
+) -> TrainingSAE[Any]:
+    """SAELens's runner on ``cfg``, resumable, with checkpoints in ``out/checkpoints``.
+
+    The checkpoints (:class:`sae_gba.training.ResumableRunner`) are removed once the
+    SAE is written. The caller seeds torch's global generator.
+
+    Args:
+        cfg: the runner config (:func:`gba_runner_config`).
+        preset: the model preset (the embedded one supplies its own data).
+        out: output folder.
+        model: the loaded model.
+        dataset: the training data; None uses the embedded Wikipedia slice (shuffled
+            with ``preset.seed``) for the embedded preset and ``cfg.dataset_path``
+            otherwise.
+        resume: continue from the newest checkpoint.
+        checkpoint_interval_s: seconds between checkpoints.
+    """
+    import shutil
+
+    from sae_gba.training import ResumableRunner
+
     if dataset is None and preset.dataset_path == EMBEDDED_DATASET:
         from sae_gba.embedded import embedded_token_dataset
 
         dataset = embedded_token_dataset("train", preset.context_size).shuffle(
             seed=preset.seed
         )
-    # SAELens's runner seeds nothing: the SAE's initialisation and the activation
-    # buffer's shuffles come from torch's global generator.
-    torch.manual_seed(preset.seed)
     runner = ResumableRunner(
         cfg,
         checkpoint_dir=out / "checkpoints",

@@ -1,4 +1,4 @@
-"""SAEBench 0.6 evals (evals/saebench.py), run for real on tiny random models.
+"""SAEBench 0.6 evals (evals/saebench/), run for real on tiny random models.
 
 The core eval runs on the shared tiny TransformerLens model; absorption on a tiny model
 carrying the embedded Gemma-3 tokenizer (letter-only words), with SAEBench's probe

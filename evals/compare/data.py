@@ -139,10 +139,7 @@ def load_or_harvest(
 
     The first run writes them to ``out/activations.safetensors`` in the model's
     dtype; a later run with the same model, hook and token count reads them back.
-    SAELens's ``MultiSAETrainingRunner`` is not used: it trains every SAE in lockstep
-    from its own shuffled buffer, so SAEs cannot finish (and resume) one by one, the
-    data-dependent initialisations have no data to start from, and its multi-hook
-    mode reads no cached activations.
+    Not SAELens's ``MultiSAETrainingRunner``: it trains all SAEs in lockstep from its own buffer, so none can finish, resume or be initialised from data alone.
 
     Returns:
         The activations (model dtype) and a record of where they came from.

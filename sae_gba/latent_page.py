@@ -275,6 +275,74 @@ def _contexts(
     return rows
 
 
+def _cards(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    acts: torch.Tensor,
+    latents: list[int],
+    frequencies: torch.Tensor,
+    groups: torch.Tensor | None,
+    targets: list[float],
+    effects: Any,
+    options: PageOptions,
+) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """One card per shown latent (frequency, group, histogram, top contexts, logit
+    effects, search words) and the strings of every token they show."""
+    cards = []
+    for j, latent in enumerate(latents):
+        values = acts[..., j]
+        group = int(groups[latent]) if groups is not None else None
+        card: dict[str, Any] = {
+            "id": latent,
+            "frequency": float(frequencies[latent]),
+            "group": group,
+            "target": targets[group] if group is not None else None,
+            "histogram": _histogram(values[values > 0]),
+            "contexts": _contexts(values, tokens, options),
+        }
+        if effects is not None:
+            up_v, up, down_v, down = (e[j].tolist() for e in effects)
+            card["logits"] = list(zip(up, up_v, down, down_v, strict=True))
+        cards.append(card)
+
+    ids = {t for c in cards for ctx in c["contexts"] for t, _, _ in ctx["tokens"]}
+    ids |= {t for c in cards for row in c.get("logits", []) for t in row[::2]}
+    names = _token_strings(model, ids)
+    for card in cards:
+        peaks = [
+            ctx["tokens"][ctx["position"] - ctx["tokens"][0][2]]
+            for ctx in card["contexts"]
+        ]
+        words = [names[t] for t, _, _ in peaks]
+        words += [names[row[0]] for row in card.get("logits", [])]
+        card["search"] = " ".join([str(card["id"]), *words]).lower()
+    return cards, names
+
+
+def _group_rows(
+    frequencies: torch.Tensor,
+    groups: torch.Tensor | None,
+    targets: list[float],
+    cards: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Each GBA group's size, target, median frequency, alive share and cards shown."""
+    group_rows = []
+    if groups is not None:
+        for k, target in enumerate(targets):
+            member = frequencies[groups == k]
+            group_rows.append(
+                {
+                    "group": k,
+                    "size": len(member),
+                    "target": target,
+                    "median": float(member.median()),
+                    "alive": float((member > 0).double().mean()),
+                    "shown": sum(1 for c in cards if c["group"] == k),
+                }
+            )
+    return group_rows
+
+
 def build_latent_page(
     sae: SAE[Any],
     model: HookedTransformer,
@@ -342,50 +410,10 @@ def build_latent_page(
     _, acts = _encode(sae, flat_x, flat_keep, latents)
     acts = acts.view(*tokens.shape, len(latents))
     effects = logit_effects(sae, model, latents, options.top_tokens)
-
-    cards = []
-    for j, latent in enumerate(latents):
-        values = acts[..., j]
-        group = int(groups[latent]) if groups is not None else None
-        card: dict[str, Any] = {
-            "id": latent,
-            "frequency": float(frequencies[latent]),
-            "group": group,
-            "target": targets[group] if group is not None else None,
-            "histogram": _histogram(values[values > 0]),
-            "contexts": _contexts(values, tokens, options),
-        }
-        if effects is not None:
-            up_v, up, down_v, down = (e[j].tolist() for e in effects)
-            card["logits"] = list(zip(up, up_v, down, down_v, strict=True))
-        cards.append(card)
-
-    ids = {t for c in cards for ctx in c["contexts"] for t, _, _ in ctx["tokens"]}
-    ids |= {t for c in cards for row in c.get("logits", []) for t in row[::2]}
-    names = _token_strings(model, ids)
-    for card in cards:
-        peaks = [
-            ctx["tokens"][ctx["position"] - ctx["tokens"][0][2]]
-            for ctx in card["contexts"]
-        ]
-        words = [names[t] for t, _, _ in peaks]
-        words += [names[row[0]] for row in card.get("logits", [])]
-        card["search"] = " ".join([str(card["id"]), *words]).lower()
-
-    group_rows = []
-    if groups is not None:
-        for k, target in enumerate(targets):
-            member = frequencies[groups == k]
-            group_rows.append(
-                {
-                    "group": k,
-                    "size": len(member),
-                    "target": target,
-                    "median": float(member.median()),
-                    "alive": float((member > 0).double().mean()),
-                    "shown": sum(1 for c in cards if c["group"] == k),
-                }
-            )
+    cards, names = _cards(
+        model, tokens, acts, latents, frequencies, groups, targets, effects, options
+    )
+    group_rows = _group_rows(frequencies, groups, targets, cards)
     selection = options.latents if isinstance(options.latents, str) else "ids given"
     page = _render(
         title=title or f"{hook_name}: {sae.cfg.d_sae:,} latents",

@@ -15,66 +15,9 @@ Run::
 
     sae-gba eval runs/demo/sae --evals core,absorption --out runs/demo/eval
 
-Held-out data. The core eval reads only held-out text: the articles of the embedded
-Wikipedia slice that ``sae_gba.embedded`` keeps out of training (split by article,
-10%, seed 0), tokenized with the evaluated model's own tokenizer in BOS-first
-128-token windows (36,224 tokens for Gemma-3). By default every held-out window is
-used for the sparsity and variance pass, so L0, explained variance and the alive
-fraction cover all held-out tokens (SAEBench's default of one 2,048-token batch
-understates the alive fraction: a latent firing once in 10^4 tokens is missed most of
-the time); ``--n-tokens`` caps it. CE and KL scores take three full forward passes
-through the 262k-token vocabulary each, so they use a seeded random subset of the
-windows (``--n-recon-tokens``, rounded up to whole batches). BOS/EOS/PAD positions
-are excluded from every metric and left unreconstructed, as in SAEBench's published
-runs. ``--dataset-path`` takes your own held-out set instead (a ``save_to_disk``
-folder with "tokens", "input_ids" or "text"); held-out then means whatever that set
-is. Compare explained variance on ``explained_variance_legacy`` (the published
-definition): SAEBench 0.6's ``explained_variance`` subtracts the squared mean of x^2
-over all dimensions where the mean of x belongs, so it is no variance ratio (1.00004
-on Gemma-3, whose residual norms are about 6,500).
-
-Absorption needs a model that can spell and a real tokenizer; SAEBench recommends
-LLMs of at least 1B parameters and SAEs of at least 16k latents, so on the embedded
-Gemma-3-270M with a 4,096-latent SAE the numbers are indicative. To make it practical
-on CPUs the forward passes stop after the probed layer (identical activations), the
-model runs in bfloat16 (SAEBench's own choice for Gemma), SAE activations are
-precomputed for the k-sparse probes when they fit in 4 GiB, and the ground-truth
-probes use a seeded sample of 40,000 letter-only vocabulary words
-(``--absorption-words 0`` takes the whole vocabulary, as SAEBench does). Words that
-tokenize differently inside the prompt are dropped (SAEBench would otherwise raise).
-SAEBench assumes the decoder maps latents linearly into the probed activations; for
-SAEs with per-token run-time normalisation (``constant_norm_rescale``, the GBA
-presets' default, or ``layer_norm``) the probed activations are normalised the same
-way first, or every absorption score would read 0 (the latents live at about 1/260
-of the raw Gemma-3 residual's scale). The ground-truth probes are cached per model,
-layer, dtype, activation space and word list under
-``~/.cache/sae_gba/saebench_probes`` and reused by later SAEs on the same layer.
-
-Cost on the embedded model (CPU, measured on one core of a busy 2-core machine, peak
-RSS 4.4 GB): the core eval took 24 minutes (36k sparsity tokens, 8k CE/KL tokens);
-absorption with 40,000 words took 85 minutes for the ground-truth probes (once per
-layer), 3 for the k-sparse probes and 10 for the absorption prompts.
-
-Gemma-2-2B (the paper's setup: layer 12 residual stream, 65,536 latents, L0 about
-300). An SAE whose cfg names ``google/gemma-2-2b`` gets the ``gemma-2-2b`` eval preset
-(bfloat16 model, SAEBench's 20,480 reconstruction tokens, 16-window batches, the whole
-vocabulary for absorption)::
-
-    sae-gba eval runs/gemma2/sae --out runs/gemma2/eval --device cuda \\
-        --model-path /models/gemma-2-2b [--dataset-path /data/pile-held-out]
-
-``--model-path`` is a local Hugging Face folder (config, weights, tokenizer); without
-it TransformerLens loads the model from the Hub or the HF cache. Expected resources
-(estimates, not measured here): one GPU with 24 GB or more (SAEBench reports a 24 GB
-peak for absorption on Gemma-2-2B; the bfloat16 model is 5.2 GB, the SAE 0.6 GB in
-bfloat16, and one 16-window CE/KL batch holds about 1 GB per 256k-vocabulary logits
-tensor), 32 GB of host memory (the float32 Hugging Face weights pass through it),
-and on one A100/H100-class GPU a few minutes for the core eval on the held-out
-slice, about 30 minutes for the ground-truth probes of a layer (once) plus about 10
-minutes per SAE for absorption (SAEBench's own estimates). On CPUs it is not
-practical (hours for the CE/KL passes alone). For the alive fraction use at least
-10^6 held-out tokens of the SAE's training distribution (``--dataset-path``): the
-Wikipedia slice is 36k tokens, too few to see latents that fire once in 10^5 tokens.
+Which held-out tokens each metric reads, how absorption is made practical on CPUs, the
+costs on the embedded model and the resources Gemma-2-2B would need:
+docs/eval/README.md.
 """
 
 from __future__ import annotations

@@ -360,8 +360,8 @@ def _synth(args: argparse.Namespace) -> _Job:
     out = _output_file("--out", args.out)
 
     def run() -> None:
-        from evals.synthetic_lab import run_experiment
         from sae_gba.progress import progress_bars
+        from sae_gba_evals.lab.experiments import run_experiment
 
         with progress_bars(not args.quiet):
             result = run_experiment(args.experiment, out, seeds=args.seeds, **options)
@@ -371,14 +371,14 @@ def _synth(args: argparse.Namespace) -> _Job:
 
 
 def _synth_suite(args: argparse.Namespace) -> _Job:
-    from evals.suite.methods import parse_gba_overrides
+    from sae_gba_evals.suite.methods import parse_gba_overrides
 
     parse_gba_overrides(args.gba or [])  # a bad KEY=VALUE fails before any run
     out = _output_file("--out", args.out)
 
     def run() -> None:
-        from evals.suite.suite import run_command
         from sae_gba.progress import progress_bars
+        from sae_gba_evals.suite.suite import run_command
 
         with progress_bars(not args.quiet):
             print(run_command(args))
@@ -440,8 +440,8 @@ def _eval(args: argparse.Namespace) -> _Job:
         options["absorption_words"] = None
 
     def run() -> None:
-        from evals.saebench import evaluate
         from sae_gba.progress import progress_bars
+        from sae_gba_evals.saebench import evaluate
 
         with progress_bars(not args.quiet):
             report = evaluate(
@@ -477,7 +477,7 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> _Job:
     out = _output_folder(args.out, args.resume, False, hint)
     _device(args.device)
 
-    from evals.compare import METHODS, resolve_request
+    from sae_gba_evals.compare import METHODS, resolve_request
 
     methods = None
     if args.methods:
@@ -491,8 +491,8 @@ def _compare(args: argparse.Namespace, argv: list[str] | None) -> _Job:
     _writable_folder("--out", out)
 
     def run() -> None:
-        from evals.compare import run_compare
         from sae_gba.progress import progress_bars
+        from sae_gba_evals.compare import run_compare
 
         with progress_bars(not args.quiet):
             result = run_compare(
@@ -527,8 +527,8 @@ def _bench(args: argparse.Namespace) -> _Job:
         return _bench_scaling(args, out)
 
     def run() -> None:
-        from evals.throughput import run_throughput
         from sae_gba.progress import progress_bars
+        from sae_gba_evals.bench.throughput import run_throughput
 
         with progress_bars(not args.quiet):
             result = run_throughput(

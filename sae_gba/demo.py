@@ -20,7 +20,6 @@ from sae_gba.presets import EMBEDDED, LAST_WINDOW_TOKENS, gba_runner_config
 # Heavy libraries load inside the functions, so `sae-gba demo --help` stays fast.
 if TYPE_CHECKING:
     import torch
-    from sae_lens.saes.sae import SAE
 
 PHASES = ("load the model", "train", "held-out metrics", "latent page")
 
@@ -50,36 +49,6 @@ class DemoConfig:
     eval_windows: int = 160
     lm_dtype: str = "bfloat16"
     seed: int = EMBEDDED.seed
-
-
-def held_out_metrics(sae: SAE[Any], x: torch.Tensor) -> dict[str, float]:
-    """L0 and explained variance of ``sae`` on held-out activations.
-
-    Args:
-        sae: any SAELens SAE.
-        x: (n_tokens, d_in) float32 activations at its hook, BOS positions left out.
-    """
-    import torch
-
-    l0, legacy, sq_err, sq_var, n = 0.0, 0.0, 0.0, 0.0, 0
-    mean = x.mean(dim=0)
-    with torch.no_grad():
-        for chunk in x.split(4096):
-            acts = sae.encode(chunk)
-            out = sae.decode(acts)
-            err = (out - chunk).pow(2).sum(-1)
-            var = (chunk - mean).pow(2).sum(-1)
-            l0 += (acts > 0).sum().item()
-            legacy += (1 - err / var).sum().item()
-            sq_err += err.sum().item()
-            sq_var += var.sum().item()
-            n += chunk.shape[0]
-    return {
-        "eval_tokens": n,
-        "l0": l0 / n,
-        "explained_variance_legacy": legacy / n,
-        "explained_variance": 1 - sq_err / sq_var,
-    }
 
 
 def group_report(
@@ -166,22 +135,14 @@ def run_demo(
             checkpoint, or straight to the measurements if its SAE is finished).
         checkpoint_interval_s: seconds between training checkpoints.
     """
-    import shutil
-
     import torch
-    from sae_lens.saes.sae import SAE
-    from safetensors.torch import load_file
 
     from sae_gba.atomic import write_text_atomically
-    from sae_gba.embedded import (
-        EMBEDDED_MODEL_NAME,
-        embedded_token_dataset,
-        load_embedded_model,
-        require_demo_extra,
-    )
-    from sae_gba.latent_page import PageOptions, build_latent_page, hook_activations
+    from sae_gba.embedded import EMBEDDED_MODEL_NAME, require_demo_extra
+    from sae_gba.lm.models import load_model
     from sae_gba.loading import read_sae_config
-    from sae_gba.training import ResumableRunner, latest_checkpoint
+    from sae_gba.presets import run_training
+    from sae_gba.training import latest_checkpoint
 
     require_demo_extra()  # before minutes of work, not at the final plot
     start = time.time()
@@ -198,73 +159,30 @@ def run_demo(
         adaptation_interval=cfg.adaptation_interval,
     )
     _phase(0)
-    model = load_embedded_model(dtype=getattr(torch, cfg.lm_dtype))
-    checkpoints = out / "checkpoints"
+    model = load_model(EMBEDDED_MODEL_NAME, dtype=getattr(torch, cfg.lm_dtype))
     _phase(1)
     train_start = time.time()
-    if resume and latest_checkpoint(checkpoints) is None and (out / "sae").is_dir():
+    finished = latest_checkpoint(out / "checkpoints") is None and (out / "sae").is_dir()
+    if resume and finished:
         read_sae_config(out / "sae")  # finished before: check it, measure it
     else:
-        train = embedded_token_dataset("train", preset.context_size).shuffle(
-            seed=cfg.seed
-        )
-        runner = ResumableRunner(
+        run_training(
             runner_cfg,
-            checkpoint_dir=checkpoints,
+            preset,
+            out,
+            model,
             resume=resume,
             checkpoint_interval_s=checkpoint_interval_s,
-            override_model=model,
-            override_dataset=train,
         )
-        runner.run()
-        shutil.rmtree(checkpoints, ignore_errors=True)
     train_seconds = time.time() - train_start
-
-    sae_dir = out / "sae"
-    log_sparsity = load_file(sae_dir / "sparsity.safetensors")["sparsity"]
-    frequencies = torch.where(
-        log_sparsity > -9, 10.0**log_sparsity, torch.zeros_like(log_sparsity)
-    )
-    gba = runner_cfg.sae
-    window_tokens = preset.batch_tokens * gba.adaptation_interval
-    groups = group_report(
-        frequencies,
-        gba.n_groups,
-        gba.high_target_freq,
-        gba.low_target_freq,
-        window_tokens,
-        gba.min_window_firings,
-    )
-    plot_frequencies(
-        frequencies,
-        gba.n_groups,
-        gba.high_target_freq,
-        gba.low_target_freq,
-        out / "firing_frequencies.png",
-    )
-    _phase(2)
-    held_out = embedded_token_dataset("held_out", preset.context_size)
-    eval_tokens = torch.tensor(held_out["tokens"][: cfg.eval_windows])
-    # One forward pass serves the metrics and the latent page.
-    acts = hook_activations(model, runner_cfg.hook_name, eval_tokens, 16)
-    exported = SAE.load_from_disk(sae_dir)
-    metrics = held_out_metrics(exported, acts[:, 1:].flatten(0, 1))
-    _phase(3)
-    build_latent_page(
-        exported,
-        model,
-        eval_tokens,
-        out / "latents",
-        PageOptions(latents="groups", n_latents=4 * gba.n_groups, seed=cfg.seed),
-        title=f"sae-gba demo: GBA on Gemma-3-270M {runner_cfg.hook_name}",
-        data_label="the held-out Wikipedia articles",
-        activations=acts,
-    )
+    frequencies, groups = _frequency_report(out, runner_cfg.sae, preset.batch_tokens)
+    metrics = _held_out(out, model, runner_cfg.hook_name, runner_cfg.sae, cfg)
     summary = {
         "config": asdict(cfg),
         "model": EMBEDDED_MODEL_NAME,
         "hook_name": runner_cfg.hook_name,
-        "tokens_per_adaptation_window": window_tokens,
+        "tokens_per_adaptation_window": preset.batch_tokens
+        * runner_cfg.sae.adaptation_interval,
         "held_out": metrics,
         "alive_fraction_last_100k_training_tokens": (frequencies > 0)
         .float()
@@ -276,7 +194,67 @@ def run_demo(
         ),
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - start,
-        "sae_dir": str(sae_dir),
+        "sae_dir": str(out / "sae"),
     }
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _frequency_report(
+    out: Path, gba: Any, batch_tokens: int
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The saved SAE's last-window firing frequencies, its group report and plot."""
+    import torch
+    from safetensors.torch import load_file
+
+    log_sparsity = load_file(out / "sae" / "sparsity.safetensors")["sparsity"]
+    frequencies = torch.where(
+        log_sparsity > -9, 10.0**log_sparsity, torch.zeros_like(log_sparsity)
+    )
+    groups = group_report(
+        frequencies,
+        gba.n_groups,
+        gba.high_target_freq,
+        gba.low_target_freq,
+        batch_tokens * gba.adaptation_interval,
+        gba.min_window_firings,
+    )
+    plot_frequencies(
+        frequencies,
+        gba.n_groups,
+        gba.high_target_freq,
+        gba.low_target_freq,
+        out / "firing_frequencies.png",
+    )
+    return frequencies, groups
+
+
+def _held_out(
+    out: Path, model: Any, hook_name: str, gba: Any, cfg: DemoConfig
+) -> dict[str, float]:
+    """Held-out metrics of the saved SAE and its latent page, from one forward pass."""
+    import torch
+    from sae_lens.saes.sae import SAE
+
+    from sae_gba.embedded import embedded_token_dataset
+    from sae_gba.latent_page import PageOptions, build_latent_page, hook_activations
+    from sae_gba.metrics import held_out_metrics
+
+    _phase(2)
+    held_out = embedded_token_dataset("held_out", EMBEDDED.context_size)
+    eval_tokens = torch.tensor(held_out["tokens"][: cfg.eval_windows])
+    acts = hook_activations(model, hook_name, eval_tokens, 16)
+    exported = SAE.load_from_disk(out / "sae")
+    metrics = held_out_metrics(exported, acts[:, 1:].flatten(0, 1))
+    _phase(3)
+    build_latent_page(
+        exported,
+        model,
+        eval_tokens,
+        out / "latents",
+        PageOptions(latents="groups", n_latents=4 * gba.n_groups, seed=cfg.seed),
+        title=f"sae-gba demo: GBA on Gemma-3-270M {hook_name}",
+        data_label="the held-out Wikipedia articles",
+        activations=acts,
+    )
+    return metrics

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,9 +26,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from sae_gba.lm.windows import check_context_size, tokenize_windows
+
 if TYPE_CHECKING:
     import datasets
-    from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def require_demo_extra(*modules: str) -> None:
         )
 
 
-def _go_offline() -> None:
+def go_offline() -> None:
+    """Keep transformers and huggingface_hub off the network (the model is local)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     # huggingface_hub reads the variable once at import; it may already be imported.
@@ -115,7 +116,7 @@ def embedded_model_dir() -> Path:
             )
         return final
     require_demo_extra("gguf")  # transformers reads the GGUF file with it
-    _go_offline()
+    go_offline()
     from transformers import AutoModelForCausalLM
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -161,46 +162,10 @@ def embedded_model_dir() -> Path:
 
 def load_embedded_tokenizer() -> PreTrainedTokenizerBase:
     """Load Gemma-3-270M's tokenizer from :func:`embedded_model_dir`, offline."""
-    _go_offline()
+    go_offline()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_model_dir())
-
-
-def load_embedded_model(
-    device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> HookedTransformer:
-    """Load Gemma-3-270M as an unprocessed TransformerLens ``HookedTransformer``, offline.
-
-    Args:
-        device: Torch device for the weights ("cpu", "cuda", ...).
-        dtype: Weight dtype of the returned model.
-    """
-    folder = embedded_model_dir()
-    _go_offline()
-    from safetensors import SafetensorError
-    from transformer_lens import HookedTransformer
-    from transformers import AutoModelForCausalLM
-
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, SafetensorError) as err:
-        raise ValueError(
-            f"model folder {folder} is unreadable ({err}); delete it to rebuild it"
-        ) from err
-    with warnings.catch_warnings():
-        # TransformerLens 3.x flags HookedTransformer itself as deprecated; SAELens 6
-        # still needs it, so the notice is noise here.
-        warnings.filterwarnings(
-            "ignore", category=DeprecationWarning, module="transformer_lens"
-        )
-        return HookedTransformer.from_pretrained_no_processing(
-            EMBEDDED_MODEL_NAME,
-            hf_model=hf_model,
-            tokenizer=load_embedded_tokenizer(),
-            device=device,
-            dtype=dtype,
-        )
 
 
 def corpus_path() -> Path:
@@ -305,9 +270,7 @@ def wikipedia_articles(path: Path | None = None) -> list[Article]:
     return list(_parse_dump(path))
 
 
-def _check(context_size: int = 2, held_out_fraction: float = 0.5) -> None:
-    if context_size < 2:
-        raise ValueError(f"context_size must be an integer >= 2, got {context_size!r}")
+def _check_fraction(held_out_fraction: float) -> None:
     if not 0.0 < held_out_fraction < 1.0:
         raise ValueError(
             f"held_out_fraction must lie strictly in (0, 1), got {held_out_fraction!r}"
@@ -324,44 +287,13 @@ def split_articles(
         held_out_fraction: Share of articles held out, in (0, 1); at least one each side.
         seed: Seed of the shuffle that picks the held-out articles.
     """
-    _check(held_out_fraction=held_out_fraction)
+    _check_fraction(held_out_fraction)
     if len(articles) < 2:
         raise ValueError(f"articles must hold at least 2 articles, got {len(articles)}")
     n_held = min(max(1, round(len(articles) * held_out_fraction)), len(articles) - 1)
     held = set(random.Random(seed).sample(range(len(articles)), n_held))
     train = [a for i, a in enumerate(articles) if i not in held]
     return train, [a for i, a in enumerate(articles) if i in held]
-
-
-def tokenize_windows(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], context_size: int
-) -> torch.Tensor:
-    """Concatenate texts (joined by a blank line) and cut BOS-prefixed windows.
-
-    Each row is BOS followed by ``context_size - 1`` text tokens; Gemma's loss is far
-    worse without BOS. The ragged tail is dropped.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer with a BOS token.
-        texts: Documents, in order.
-        context_size: Tokens per window including BOS; at least 2.
-
-    Returns:
-        int64 tensor of shape ``[n_windows, context_size]``.
-    """
-    _check(context_size=context_size)
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        raise ValueError("tokenizer has no bos_token_id; windows must start with BOS")
-    sep = tokenizer.encode("\n\n", add_special_tokens=False)
-    ids: list[int] = []
-    for i, doc in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
-        ids.extend(sep if i else [])
-        ids.extend(doc)
-    body = context_size - 1
-    windows = torch.tensor(ids[: len(ids) // body * body], dtype=torch.int64)
-    windows = windows.view(-1, body)
-    return torch.cat([torch.full_like(windows[:, :1], bos), windows], dim=1)
 
 
 def embedded_token_dataset(
@@ -385,7 +317,8 @@ def embedded_token_dataset(
 
     if split not in ("train", "held_out", "all"):
         raise ValueError(f"split must be 'train', 'held_out' or 'all', got {split!r}")
-    _check(context_size, held_out_fraction)
+    check_context_size(context_size)
+    _check_fraction(held_out_fraction)
     name = f"{split}-ctx{context_size}-held{held_out_fraction:g}-v{_TOKENS_VERSION}"
     path = cache_dir() / "tokens" / f"{name}.safetensors"
     if path.is_file():

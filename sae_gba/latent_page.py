@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from sae_gba.known_warnings import known_warnings_silenced
+from sae_gba.lm.harvest import harvest
+from sae_gba.lm.windows import special_token_ids
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -72,24 +73,6 @@ class PageOptions:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
 
 
-def _hook_layer(hook_name: str) -> int:
-    parts = hook_name.split(".")
-    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-        raise ValueError(
-            f"hook_name={hook_name!r} is not a block hook ('blocks.<layer>.<hook>')"
-        )
-    return int(parts[1])
-
-
-def _special_ids(model: HookedTransformer) -> list[int]:
-    tok = model.tokenizer
-    if tok is None:
-        return []
-    ids = {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}
-    return sorted(i for i in ids if i is not None)
-
-
-@torch.no_grad()
 def hook_activations(
     model: HookedTransformer,
     hook_name: str,
@@ -97,7 +80,7 @@ def hook_activations(
     batch_windows: int = 8,
     progress: bool = True,
 ) -> torch.Tensor:
-    """The hook's activations on every window, the forward pass stopped after its block.
+    """The hook's activations at every position of every window (:func:`harvest`).
 
     Args:
         model: the language model.
@@ -109,18 +92,10 @@ def hook_activations(
     Returns:
         float32 tensor (n_windows, context, d_hook) on the CPU.
     """
-    layer = _hook_layer(hook_name)
-    rows = []
-    for batch in tqdm(
-        tokens.split(batch_windows),
-        desc="model activations",
-        disable=not progress,
-    ):
-        _, cache = model.run_with_cache(
-            batch.to(model.cfg.device), names_filter=hook_name, stop_at_layer=layer + 1
-        )
-        rows.append(cache[hook_name].float().cpu())
-    return torch.cat(rows)
+    acts = harvest(
+        model, hook_name, tokens, None, batch_windows, progress, keep_special=True
+    )
+    return acts.view(*tokens.shape, -1).float()
 
 
 def _group_of_latents(sae: SAE[Any]) -> tuple[torch.Tensor, list[float]] | None:
@@ -300,6 +275,74 @@ def _contexts(
     return rows
 
 
+def _cards(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    acts: torch.Tensor,
+    latents: list[int],
+    frequencies: torch.Tensor,
+    groups: torch.Tensor | None,
+    targets: list[float],
+    effects: Any,
+    options: PageOptions,
+) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """One card per shown latent (frequency, group, histogram, top contexts, logit
+    effects, search words) and the strings of every token they show."""
+    cards = []
+    for j, latent in enumerate(latents):
+        values = acts[..., j]
+        group = int(groups[latent]) if groups is not None else None
+        card: dict[str, Any] = {
+            "id": latent,
+            "frequency": float(frequencies[latent]),
+            "group": group,
+            "target": targets[group] if group is not None else None,
+            "histogram": _histogram(values[values > 0]),
+            "contexts": _contexts(values, tokens, options),
+        }
+        if effects is not None:
+            up_v, up, down_v, down = (e[j].tolist() for e in effects)
+            card["logits"] = list(zip(up, up_v, down, down_v, strict=True))
+        cards.append(card)
+
+    ids = {t for c in cards for ctx in c["contexts"] for t, _, _ in ctx["tokens"]}
+    ids |= {t for c in cards for row in c.get("logits", []) for t in row[::2]}
+    names = _token_strings(model, ids)
+    for card in cards:
+        peaks = [
+            ctx["tokens"][ctx["position"] - ctx["tokens"][0][2]]
+            for ctx in card["contexts"]
+        ]
+        words = [names[t] for t, _, _ in peaks]
+        words += [names[row[0]] for row in card.get("logits", [])]
+        card["search"] = " ".join([str(card["id"]), *words]).lower()
+    return cards, names
+
+
+def _group_rows(
+    frequencies: torch.Tensor,
+    groups: torch.Tensor | None,
+    targets: list[float],
+    cards: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Each GBA group's size, target, median frequency, alive share and cards shown."""
+    group_rows = []
+    if groups is not None:
+        for k, target in enumerate(targets):
+            member = frequencies[groups == k]
+            group_rows.append(
+                {
+                    "group": k,
+                    "size": len(member),
+                    "target": target,
+                    "median": float(member.median()),
+                    "alive": float((member > 0).double().mean()),
+                    "shown": sum(1 for c in cards if c["group"] == k),
+                }
+            )
+    return group_rows
+
+
 def build_latent_page(
     sae: SAE[Any],
     model: HookedTransformer,
@@ -352,7 +395,9 @@ def build_latent_page(
         raise ValueError(
             f"{hook_name} has width {x.shape[-1]}; the SAE expects d_in={sae.cfg.d_in}"
         )
-    keep = ~torch.isin(tokens, torch.tensor(_special_ids(model), dtype=tokens.dtype))
+    keep = ~torch.isin(
+        tokens, torch.tensor(special_token_ids(model.tokenizer), dtype=tokens.dtype)
+    )
     n_kept = int(keep.sum())
     if n_kept == 0:
         raise ValueError("tokens hold no text tokens (only BOS/EOS/PAD)")
@@ -365,50 +410,10 @@ def build_latent_page(
     _, acts = _encode(sae, flat_x, flat_keep, latents)
     acts = acts.view(*tokens.shape, len(latents))
     effects = logit_effects(sae, model, latents, options.top_tokens)
-
-    cards = []
-    for j, latent in enumerate(latents):
-        values = acts[..., j]
-        group = int(groups[latent]) if groups is not None else None
-        card: dict[str, Any] = {
-            "id": latent,
-            "frequency": float(frequencies[latent]),
-            "group": group,
-            "target": targets[group] if group is not None else None,
-            "histogram": _histogram(values[values > 0]),
-            "contexts": _contexts(values, tokens, options),
-        }
-        if effects is not None:
-            up_v, up, down_v, down = (e[j].tolist() for e in effects)
-            card["logits"] = list(zip(up, up_v, down, down_v, strict=True))
-        cards.append(card)
-
-    ids = {t for c in cards for ctx in c["contexts"] for t, _, _ in ctx["tokens"]}
-    ids |= {t for c in cards for row in c.get("logits", []) for t in row[::2]}
-    names = _token_strings(model, ids)
-    for card in cards:
-        peaks = [
-            ctx["tokens"][ctx["position"] - ctx["tokens"][0][2]]
-            for ctx in card["contexts"]
-        ]
-        words = [names[t] for t, _, _ in peaks]
-        words += [names[row[0]] for row in card.get("logits", [])]
-        card["search"] = " ".join([str(card["id"]), *words]).lower()
-
-    group_rows = []
-    if groups is not None:
-        for k, target in enumerate(targets):
-            member = frequencies[groups == k]
-            group_rows.append(
-                {
-                    "group": k,
-                    "size": len(member),
-                    "target": target,
-                    "median": float(member.median()),
-                    "alive": float((member > 0).double().mean()),
-                    "shown": sum(1 for c in cards if c["group"] == k),
-                }
-            )
+    cards, names = _cards(
+        model, tokens, acts, latents, frequencies, groups, targets, effects, options
+    )
+    group_rows = _group_rows(frequencies, groups, targets, cards)
     selection = options.latents if isinstance(options.latents, str) else "ids given"
     page = _render(
         title=title or f"{hook_name}: {sae.cfg.d_sae:,} latents",
@@ -490,6 +495,7 @@ def inspect_sae(
         progress: show progress bars.
     """
     from sae_gba.embedded import EMBEDDED_MODEL_NAME
+    from sae_gba.lm.data import read_windows
     from sae_gba.loading import load_sae
     from sae_gba.presets import PRESETS, load_hooked_model
 
@@ -514,7 +520,9 @@ def inspect_sae(
     model = load_hooked_model(
         preset, model_path, device=device, dtype=getattr(torch, dtype)
     )
-    tokens, label = _held_out_tokens(model, dataset_path, preset.context_size)
+    # The SAE's own training window length; the preset's for SAEs that lack it.
+    context = sae.cfg.metadata.get("context_size") or preset.context_size
+    tokens, label = read_windows(model, "held_out", context, dataset_path)
     tokens = tokens[:n_windows]
     return build_latent_page(
         sae,
@@ -526,22 +534,3 @@ def inspect_sae(
         data_label=label,
         progress=progress,
     )
-
-
-def _held_out_tokens(
-    model: HookedTransformer, dataset_path: str | None, context_size: int
-) -> tuple[torch.Tensor, str]:
-    from sae_gba.embedded import embedded_token_dataset, tokenize_windows
-    from sae_gba.presets import load_local_dataset
-
-    if dataset_path is None:
-        data = embedded_token_dataset("held_out", context_size)
-        return torch.tensor(data["tokens"]), "held-out Wikipedia articles"
-    data = load_local_dataset(dataset_path)
-    label = f"rows of {dataset_path}"
-    for column in ("tokens", "input_ids"):
-        if column in data.column_names:
-            return torch.tensor(data[column]), label
-    if model.tokenizer is None:
-        raise ValueError(f"{dataset_path} holds text and the model has no tokenizer")
-    return tokenize_windows(model.tokenizer, data["text"], context_size), label

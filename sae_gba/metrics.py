@@ -1,15 +1,17 @@
-"""The training metrics GBA reports through SAELens's logger (pure torch, no SAELens).
+"""The training metrics GBA reports through SAELens's logger, and held-out metrics.
 
 ``summarize_window`` summarises one adaptation window: per frequency group, the firing
 frequencies against the group's target, the gate biases, dead and dense counts; and
 overall, the window's L0, the fraction of latents that fired and the output scales.
 ``GBATrainingSAE`` hands it to SAELens through ``logged_lazily``'s lambdas in
 ``TrainStepOutput.metrics``, so it runs only on the steps SAELens logs. README "What a
-GBA run logs" lists the names.
+GBA run logs" lists the names. ``held_out_metrics`` measures any SAE (anything with
+``encode`` and ``decode``) on held-out activations: L0 and both explained variances.
 """
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -113,3 +115,39 @@ def logged_lazily(
 
 def _lookup(values: Callable[[], dict[str, float]], name: str) -> float:
     return values()[name]
+
+
+@torch.no_grad()
+def held_out_metrics(sae: Any, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+    """L0 and explained variance of ``sae`` on held-out activations.
+
+    ``explained_variance`` is the conventional one, ``1 - sum |x - x_hat|^2 / sum |x -
+    mean x|^2`` over all tokens; ``explained_variance_legacy`` is the per-token mean of
+    ``1 - |x - x_hat|^2 / |x - mean x|^2`` (SAEBench's ``explained_variance_legacy``
+    is the same with the mean taken per batch).
+
+    Args:
+        sae: any SAELens SAE (float32; it takes raw activations).
+        x: (n_tokens, d_in) activations at its hook, special tokens left out; any
+            dtype (read in float32 chunks).
+        chunk: tokens per step.
+    """
+    if len(x) == 0:
+        raise ValueError("x holds no activations")
+    mean = sum(part.float().sum(dim=0) for part in x.split(chunk)) / len(x)
+    l0, legacy, sq_err, sq_var = 0.0, 0.0, 0.0, 0.0
+    for part in x.split(chunk):
+        part = part.float()
+        acts = sae.encode(part)
+        err = (sae.decode(acts) - part).pow(2).sum(-1)
+        var = (part - mean).pow(2).sum(-1)
+        l0 += (acts > 0).sum().item()
+        legacy += (1 - err / var).sum().item()
+        sq_err += err.sum().item()
+        sq_var += var.sum().item()
+    return {
+        "eval_tokens": len(x),
+        "l0": l0 / len(x),
+        "explained_variance_legacy": legacy / len(x),
+        "explained_variance": 1 - sq_err / sq_var,
+    }

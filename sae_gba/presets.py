@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,13 +21,11 @@ if TYPE_CHECKING:
     from sae_lens import LanguageModelSAERunnerConfig
     from sae_lens.saes.sae import TrainingSAE
     from transformer_lens import HookedTransformer
-    from transformers import PretrainedConfig
 
 # A label only: the embedded data is passed to the runner as an in-memory dataset.
 EMBEDDED_DATASET = "sae_gba.embedded:wikipedia-train"
 # The saved sparsity covers this many final training tokens (as in the demo).
 LAST_WINDOW_TOKENS = 100_000
-_TOKEN_COLUMNS = ("tokens", "input_ids", "text")
 
 
 @dataclass(frozen=True)
@@ -205,143 +202,13 @@ def gba_runner_config(
     )
 
 
-def _gemma2_tl_overrides(hf: PretrainedConfig) -> dict[str, Any]:
-    """TransformerLens config fields read from a Hugging Face Gemma-2 config.
-
-    TransformerLens hard-codes Gemma-2-2B's 26-layer config by name; these fields
-    make the model follow the folder instead (depth, widths, vocab, attention).
-    """
-    from transformer_lens.utilities.activation_functions import SOFTCAP_DISABLED
-
-    rope = getattr(hf, "rope_parameters", None) or {}
-    return {
-        "n_layers": hf.num_hidden_layers,
-        "d_model": hf.hidden_size,
-        "n_heads": hf.num_attention_heads,
-        "n_key_value_heads": hf.num_key_value_heads,
-        "d_head": hf.head_dim,
-        "rotary_dim": hf.head_dim,
-        "d_mlp": hf.intermediate_size,
-        "d_vocab": hf.vocab_size,
-        "d_vocab_out": hf.vocab_size,
-        "act_fn": hf.hidden_activation,
-        "eps": hf.rms_norm_eps,
-        "rotary_base": rope.get("rope_theta", getattr(hf, "rope_theta", 10_000.0)),
-        "window_size": hf.sliding_window,
-        "attn_types": [
-            "local" if kind == "sliding_attention" else "global"
-            for kind in hf.layer_types
-        ],
-        # Gemma-2 divides attention scores by sqrt(query_pre_attn_scalar), not by
-        # sqrt(d_head) (they differ in the 27B model).
-        "attn_scale": hf.query_pre_attn_scalar**0.5,
-        "attn_scores_soft_cap": hf.attn_logit_softcapping or SOFTCAP_DISABLED,
-        "output_logits_soft_cap": hf.final_logit_softcapping or SOFTCAP_DISABLED,
-    }
-
-
-def _read_gemma2_config(folder: Path, d_in: int) -> PretrainedConfig:
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"model folder {folder} does not exist; expected a local Hugging Face "
-            "Gemma-2 folder (config.json, weights, tokenizer)"
-        )
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model folder {folder} has no config.json; expected a Hugging Face "
-            "Gemma-2 folder as written by save_pretrained"
-        )
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if hf_config.model_type != "gemma2":
-        raise ValueError(
-            f"model folder {folder} holds a {hf_config.model_type!r} model; the "
-            "preset expects a Gemma-2 model (model_type 'gemma2')"
-        )
-    if hf_config.hidden_size != d_in:
-        raise ValueError(
-            f"model folder {folder} has hidden_size {hf_config.hidden_size}; the "
-            f"preset's SAE expects d_in {d_in}"
-        )
-    return hf_config
-
-
-def load_gemma2_folder(
-    folder: str | Path,
-    d_in: int = GEMMA_2_2B.d_in,
-    device: str = "cpu",
-    dtype: torch.dtype | None = None,
-) -> HookedTransformer:
-    """Load a local Hugging Face Gemma-2 folder as an unprocessed HookedTransformer.
-
-    The architecture follows the folder's config (any depth, widths and vocab), so a
-    truncated or randomly initialised Gemma-2 loads as well as the real weights.
-
-    Args:
-        folder: folder with config.json, the weights and a tokenizer.
-        d_in: the model width the caller's SAE expects.
-        device: torch device for the weights.
-        dtype: weight dtype of the returned model (None: float32).
-    """
-    import torch
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = torch.float32 if dtype is None else dtype
-    folder = Path(folder)
-    hf_config = _read_gemma2_config(folder, d_in)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"model folder {folder} has no usable tokenizer: {err}"
-        ) from err
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, local_files_only=True
-    )
-    # HookedTransformer.from_pretrained would take TransformerLens's fixed Gemma-2-2B
-    # config, so its steps are done here with the folder's fields swapped in. The name
-    # supplies the Gemma-2 behaviour flags (post-norms, local attention, RMS norms).
-    base = loading.get_pretrained_model_config(
-        GEMMA_2_2B.model_name,
-        hf_cfg=hf_config.to_dict(),
-        fold_ln=False,
-        device=device,
-        dtype=dtype,
-        first_n_layers=hf_config.num_hidden_layers,
-    )
-    cfg = dataclasses.replace(base, **_gemma2_tl_overrides(hf_config))
-    state_dict = loading.get_pretrained_state_dict(
-        GEMMA_2_2B.model_name, cfg, hf_model, dtype=dtype
-    )
-    del hf_model
-    with warnings.catch_warnings():
-        # TransformerLens 3.x flags HookedTransformer as deprecated; SAELens 6 needs it.
-        warnings.filterwarnings(
-            "ignore", category=DeprecationWarning, module="transformer_lens"
-        )
-        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
-    model.move_model_modules_to_device()
-    return model
-
-
 def load_hooked_model(
     preset: ModelPreset,
     model_path: str | None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> HookedTransformer:
-    """Load the preset's model as an unprocessed HookedTransformer.
+    """Load the preset's model with :func:`sae_gba.lm.models.load_model`.
 
     Args:
         preset: the model preset.
@@ -353,61 +220,21 @@ def load_hooked_model(
     """
     import torch
 
-    from sae_gba.embedded import EMBEDDED_MODEL_NAME, load_embedded_model
+    from sae_gba.embedded import EMBEDDED_MODEL_NAME
+    from sae_gba.lm.models import load_model
 
-    dtype = torch.float32 if dtype is None else dtype
-    if preset.model_name == EMBEDDED_MODEL_NAME:
-        if model_path is not None:
-            raise ValueError(
-                f"preset {preset.name!r} loads the embedded Gemma-3-270M; it takes no "
-                f"model path (got {model_path!r})"
-            )
-        return load_embedded_model(device=device, dtype=dtype)
-    if not preset.model_name.startswith("google/gemma-2-"):
-        raise ValueError(f"preset {preset.name!r}: no loader for {preset.model_name}")
-    if model_path is not None:
-        return load_gemma2_folder(model_path, preset.d_in, device=device, dtype=dtype)
-    from transformer_lens import HookedTransformer
-
-    return HookedTransformer.from_pretrained_no_processing(
-        preset.model_name, device=device, dtype=dtype
-    )
-
-
-def load_local_dataset(path: str | Path) -> datasets.Dataset:
-    """Load a dataset folder written by ``save_to_disk`` (tokenized or text).
-
-    Args:
-        path: the folder; a DatasetDict folder must have a "train" split. Rows need a
-            "tokens" or "input_ids" column (pretokenized windows) or a "text" column.
-    """
-    import datasets
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"dataset folder {folder} does not exist; expected a folder written by "
-            "datasets' save_to_disk"
-        )
-    try:
-        data = datasets.load_from_disk(str(folder))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"dataset folder {folder} is not a saved dataset ({err}); expected a "
-            "folder written by datasets' save_to_disk"
-        ) from err
-    if isinstance(data, datasets.DatasetDict):
-        if "train" not in data:
-            raise ValueError(
-                f"dataset folder {folder} has splits {list(data)}; expected 'train'"
-            )
-        data = data["train"]
-    if not set(_TOKEN_COLUMNS) & set(data.column_names):
+    if preset.model_name == EMBEDDED_MODEL_NAME and model_path is not None:
         raise ValueError(
-            f"dataset folder {folder} has columns {data.column_names}; expected one "
-            f"of {list(_TOKEN_COLUMNS)}"
+            f"preset {preset.name!r} loads the embedded Gemma-3-270M; it takes no "
+            f"model path (got {model_path!r})"
         )
-    return data
+    return load_model(
+        preset.model_name,
+        model_path,
+        d_in=preset.d_in,
+        device=device,
+        dtype=torch.float32 if dtype is None else dtype,
+    )
 
 
 def check_dataset_size(
@@ -424,8 +251,10 @@ def check_dataset_size(
         preset: the run's preset (window length and windows per batch).
         where: the dataset folder (for the message).
     """
+    from sae_gba.lm.windows import token_column
+
     needed = preset.store_batch_size_prompts
-    column = next((c for c in _TOKEN_COLUMNS if c in data.column_names), None)
+    column = token_column(data)
     if column == "text":
         if len(data) == 0:
             raise ValueError(f"dataset folder {where} has no rows")
@@ -464,7 +293,8 @@ def train_preset(
         preset: the model preset.
         out: output folder (``sae`` and ``checkpoints`` inside).
         model_path: local model folder (see :func:`load_hooked_model`).
-        dataset_path: local dataset folder (see :func:`load_local_dataset`); None
+        dataset_path: local dataset folder
+            (:func:`sae_gba.lm.windows.load_local_dataset`); None
             uses the embedded Wikipedia slice for the embedded preset and streams
             ``preset.dataset_path`` otherwise.
         d_sae: number of latents; None keeps the preset's.
@@ -480,13 +310,11 @@ def train_preset(
     Returns:
         The trained SAE (its exported inference form is in ``out/sae``).
     """
-    import shutil
-
     import torch
 
+    from sae_gba.lm.windows import load_local_dataset
     from sae_gba.training import (
         RUNNER_CFG_FILENAME,
-        ResumableRunner,
         check_same_config,
         latest_checkpoint,
     )
@@ -515,15 +343,56 @@ def train_preset(
         raise ValueError(
             f"layer {layer} does not exist: the model has {model.cfg.n_layers} layers"
         )
+    # SAELens's runner seeds nothing: the SAE's initialisation and the activation
+    # buffer's shuffles come from torch's global generator.
+    torch.manual_seed(preset.seed)
+    return run_training(
+        cfg,
+        preset,
+        out,
+        model,
+        dataset,
+        resume=resume,
+        checkpoint_interval_s=checkpoint_interval_s,
+    )
+
+
+def run_training(
+    cfg: LanguageModelSAERunnerConfig[Any],
+    preset: ModelPreset,
+    out: Path,
+    model: HookedTransformer,
+    dataset: datasets.Dataset | None = None,
+    *,
+    resume: bool = False,
+    checkpoint_interval_s: float = 300.0,
+) -> TrainingSAE[Any]:
+    """SAELens's runner on ``cfg``, resumable, with checkpoints in ``out/checkpoints``.
+
+    The checkpoints (:class:`sae_gba.training.ResumableRunner`) are removed once the
+    SAE is written. The caller seeds torch's global generator.
+
+    Args:
+        cfg: the runner config (:func:`gba_runner_config`).
+        preset: the model preset (the embedded one supplies its own data).
+        out: output folder.
+        model: the loaded model.
+        dataset: the training data; None uses the embedded Wikipedia slice (shuffled
+            with ``preset.seed``) for the embedded preset and ``cfg.dataset_path``
+            otherwise.
+        resume: continue from the newest checkpoint.
+        checkpoint_interval_s: seconds between checkpoints.
+    """
+    import shutil
+
+    from sae_gba.training import ResumableRunner
+
     if dataset is None and preset.dataset_path == EMBEDDED_DATASET:
         from sae_gba.embedded import embedded_token_dataset
 
         dataset = embedded_token_dataset("train", preset.context_size).shuffle(
             seed=preset.seed
         )
-    # SAELens's runner seeds nothing: the SAE's initialisation and the activation
-    # buffer's shuffles come from torch's global generator.
-    torch.manual_seed(preset.seed)
     runner = ResumableRunner(
         cfg,
         checkpoint_dir=out / "checkpoints",

@@ -1,4 +1,4 @@
-"""``sae-gba compare`` (evals/compare.py), run for real on a tiny random model.
+"""``sae-gba compare`` (evals/compare/), run for real on a tiny random model.
 
 The whole pipeline runs once per module: a 2-layer random model carrying the embedded
 Gemma-3 tokenizer (absorption needs a real one), 2 methods x 2 L0 targets, SAELens's
@@ -20,18 +20,17 @@ from test_presets import VOCAB, gemma2  # noqa: F401  (gemma2 is a fixture)
 from test_saebench import FAST_ABSORPTION
 from transformer_lens import HookedTransformer
 
-from evals.compare import (
+from sae_gba.cli import main
+from sae_gba_evals.compare import (
     COMPARE_PRESETS,
     CompareError,
     CompareSize,
-    harvest,
     interpolate_log_l0,
     matched_l0,
     memoized_forward,
     run_compare,
 )
-from evals.saebench import EvalSettings, prepare_sae, run_core
-from sae_gba.cli import main
+from sae_gba_evals.saebench import EvalSettings, prepare_sae, run_core
 
 SIZE = CompareSize(
     name="test",
@@ -100,6 +99,7 @@ def test_compare__writes_rows_report_and_plots(compared):
     assert sorted(p.name for p in (out / "evals").iterdir()) == [
         "absorption_500_words",
         "core",
+        "explained_variance",
     ]
     # TopK's L0 is at most k and grows with it; GBA's target L0 grows with L0.
     assert rows[("topk", 4.0)]["l0"] <= 4 + 1e-6
@@ -114,6 +114,26 @@ def test_compare__writes_rows_report_and_plots(compared):
     for name in ("ev_vs_l0.png", "absorption_vs_l0.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["memoized_forward"]["hits"] > 0
+
+
+def test_compare__explained_variance_is_the_conventional_ratio(compared, speller):
+    out, result, kwargs = compared
+    tokens = torch.tensor(kwargs["held_out"]["tokens"])
+    hook = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        _, cache = speller.run_with_cache(tokens, names_filter=hook)
+    x = cache[hook][tokens != 2].float()  # BOS left out, as in SAEBench's pass
+    for row in result["rows"]:
+        sae = SAE.load_from_disk(row["sae_dir"])
+        with torch.no_grad():
+            err = (sae.decode(sae.encode(x)) - x).pow(2).sum(-1)
+        var = (x - x.mean(dim=0)).pow(2).sum(-1)
+        assert row["explained_variance"] == pytest.approx(
+            float(1 - err.sum() / var.sum()), abs=1e-4
+        )
+    markdown = (out / "compare.md").read_text()
+    assert "EV (0.6)" not in markdown and "| EV legacy | EV |" in markdown
+    assert "SAEBench 0.6's own `explained_variance` is left out" in markdown
 
 
 def test_compare__saes_are_plain_saelens_folders(compared):
@@ -202,14 +222,6 @@ def test_memoized_forward__same_core_metrics_as_the_model(tmp_path):
     assert stats["misses"] == 3 and stats["hits"] == 3  # one per sparsity batch
     for result in (first, second):
         assert result["metrics"] == plain["metrics"]
-
-
-def test_harvest__drops_special_tokens_and_stops_at_n_tokens(speller):
-    windows = _windows(10)
-    acts = harvest(speller, "blocks.0.hook_resid_post", windows, 100, 4, False)
-    assert acts.shape == (100, 32) and acts.dtype == torch.bfloat16
-    with pytest.raises(CompareError, match="holds 150 text tokens"):
-        harvest(speller, "blocks.0.hook_resid_post", windows, 151, 4, False)
 
 
 def test_matched_l0__interpolates_in_log_l0_inside_the_range_only():

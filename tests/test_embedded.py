@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from sae_gba.embedded import (
+    EMBEDDED_MODEL_NAME,
     Article,
     cache_dir,
     clean_wikitext,
     embedded_token_dataset,
-    load_embedded_model,
     load_embedded_tokenizer,
     split_articles,
-    tokenize_windows,
     wikipedia_articles,
 )
+from sae_gba.lm.models import load_model
+from sae_gba.lm.windows import tokenize_windows
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_embedded_model_predicts_held_out_wikipedia():
     assert held_out.features["tokens"].length == 128 and len(held_out) * 128 > 20_000
     again = embedded_token_dataset("held_out", context_size=128)  # from the cache
     assert torch.equal(torch.tensor(again["tokens"]), all_rows)
-    model = load_embedded_model()
+    model = load_model(EMBEDDED_MODEL_NAME)
     assert (model.cfg.n_layers, model.cfg.d_model) == (18, 640)
     assert (all_rows[:, 0] == model.tokenizer.bos_token_id).all()
     tokens = all_rows[:4]

@@ -237,7 +237,7 @@ def test_fused_step__falls_back_when_an_activation_hook_is_attached():
 
 
 def test_throughput_bench__writes_rows_for_every_arch_and_a_png(tmp_path):
-    from evals.throughput import ARCHS, run_throughput
+    from sae_gba_evals.bench.throughput import ARCHS, run_throughput
 
     shape = (16, 128, 32)  # topk keeps its default k = 100
     result = run_throughput(

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ try:
     demo_error = None
 except ImportError as err:
     demo_error = str(err)
-from evals.saebench import EvalError, require_saebench
+from sae_gba_evals.saebench import EvalError, require_saebench
 try:
     require_saebench()
     evals_error = None
@@ -78,6 +79,15 @@ def test_wheel__installs_without_extras_and_trains_a_gba_sae(tmp_path):
     pip = [sys.executable, "-m", "pip"]
     _run(*pip, "wheel", "-qq", "--no-deps", "-w", tmp_path / "dist", ROOT)
     (wheel,) = (tmp_path / "dist").glob("sae_gba-*.whl")
+    # evals/ ships as sae_gba_evals (no generic top-level `evals`), every module in.
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {n.split("/")[0] for n in names if ".dist-info" not in n} == {
+        "sae_gba",
+        "sae_gba_evals",
+    }
+    for folder, package in (("sae_gba", "sae_gba"), ("evals", "sae_gba_evals")):
+        for module in (ROOT / folder).rglob("*.py"):
+            assert f"{package}/{module.relative_to(ROOT / folder)}" in names
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"

@@ -8,8 +8,11 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
-from evals.synthetic_lab import resonance_band, run_experiment
-from evals.synthetic_methods import (
+from sae_gba.cli import main
+from sae_gba.gba_sae import GBATrainingSAE
+from sae_gba.synthetic import SyntheticFeatureModel, imbalanced_preset, uniform_preset
+from sae_gba_evals.lab.experiments import resonance_band, run_experiment
+from sae_gba_evals.lab.methods import (
     INIT_SEED_OFFSET,
     RunSpec,
     build_sae,
@@ -17,9 +20,6 @@ from evals.synthetic_methods import (
     plant_features,
     train,
 )
-from sae_gba.cli import main
-from sae_gba.gba_sae import GBATrainingSAE
-from sae_gba.synthetic import SyntheticFeatureModel, imbalanced_preset, uniform_preset
 
 TINY = RunSpec(method="gba", data=imbalanced_preset(), width=64, steps=4, batch_size=64)
 

@@ -16,13 +16,13 @@ from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import SAE
 
 from sae_gba.cli import main
+from sae_gba.lm.windows import load_local_dataset
 from sae_gba.presets import (
     EMBEDDED,
     GEMMA_2_2B,
     PRESETS,
     gba_runner_config,
     load_hooked_model,
-    load_local_dataset,
     train_preset,
 )
 

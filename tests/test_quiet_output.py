@@ -89,10 +89,14 @@ def test_progress_bars__quiet_hides_every_bar_and_restores(capsys):
 @pytest.mark.parametrize(
     ("target", "argv", "result"),
     [
-        ("evals.synthetic_lab.run_experiment", ["synth", "imbalanced"], {}),
-        ("evals.throughput.run_throughput", ["bench", "throughput"], {"acceptance": 1}),
-        ("evals.compare.run_compare", ["compare"], {"gba_vs_topk": ""}),
-        ("evals.saebench.evaluate", ["eval", "SAE_DIR"], None),
+        ("sae_gba_evals.lab.experiments.run_experiment", ["synth", "imbalanced"], {}),
+        (
+            "sae_gba_evals.bench.throughput.run_throughput",
+            ["bench", "throughput"],
+            {"acceptance": 1},
+        ),
+        ("sae_gba_evals.compare.run_compare", ["compare"], {"gba_vs_topk": ""}),
+        ("sae_gba_evals.saebench.evaluate", ["eval", "SAE_DIR"], None),
     ],
 )
 def test_cli_quiet__hides_the_bars_of_long_commands(

@@ -1,4 +1,4 @@
-"""SAEBench 0.6 evals (evals/saebench.py), run for real on tiny random models.
+"""SAEBench 0.6 evals (evals/saebench/), run for real on tiny random models.
 
 The core eval runs on the shared tiny TransformerLens model; absorption on a tiny model
 carrying the embedded Gemma-3 tokenizer (letter-only words), with SAEBench's probe
@@ -29,16 +29,22 @@ from sae_lens import (
 )
 from sae_lens.saes.sae import SAEMetadata
 
-from evals.saebench import EvalError, EvalSettings, evaluate, prepare_sae, run_core
-from evals.saebench_absorption import (
+from sae_gba.cli import main
+from sae_gba.embedded import embedded_model_dir
+from sae_gba.loading import load_sae
+from sae_gba_evals.saebench import (
+    EvalError,
+    EvalSettings,
+    evaluate,
+    prepare_sae,
+    run_core,
+)
+from sae_gba_evals.saebench.absorption import (
     first_letter_words,
     run_absorption,
     sae_input_space,
     stop_after_layer,
 )
-from sae_gba.cli import main
-from sae_gba.embedded import embedded_model_dir
-from sae_gba.loading import load_sae
 
 HOOK = "blocks.0.hook_resid_post"
 # Absorption stages cut down for speed: k up to 2, 5 probe epochs, lowered gates.

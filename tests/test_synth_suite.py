@@ -8,10 +8,10 @@ import pytest
 import torch
 from sae_lens.util import temporary_seed
 
-from evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
-from evals.suite.methods import METHODS, method_k, parse_gba_overrides
-from evals.suite.suite import scaling, suite, write_result
 from sae_gba.cli import main
+from sae_gba_evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
+from sae_gba_evals.suite.methods import METHODS, method_k, parse_gba_overrides
+from sae_gba_evals.suite.suite import scaling, suite, write_result
 
 SAMPLES = 40_000
 

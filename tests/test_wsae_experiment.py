@@ -6,19 +6,6 @@ import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
-from evals.synthetic_lab import run_experiment
-from evals.wsae_experiment import (
-    WSAESettings,
-    build_sae,
-    estimation_variance,
-    evaluate,
-    loss_scale_ratio,
-    method_name,
-    method_names,
-    moderate_sparsity_summary,
-    run_cell,
-    train_sae,
-)
 from sae_gba.weighted import ESTIMATED, input_weights
 from sae_gba.wsae_theory import (
     closed_form_encoder,
@@ -28,6 +15,18 @@ from sae_gba.wsae_theory import (
     sae_latents,
     sae_reconstruction,
 )
+from sae_gba_evals.lab.experiments import run_experiment
+from sae_gba_evals.lab.wsae import (
+    WSAESettings,
+    build_sae,
+    estimation_variance,
+    evaluate,
+    loss_scale_ratio,
+    method_name,
+    run_cell,
+    train_sae,
+)
+from sae_gba_evals.lab.wsae_run import method_names, moderate_sparsity_summary
 
 TINY = WSAESettings(
     n=12,

@@ -1,2 +1,2 @@
 """The recovery suite: data families, methods, runs, and the ``suite`` / ``scaling``
-commands (see ``evals.suite.suite``)."""
+commands (see ``sae_gba_evals.suite.suite``)."""

@@ -40,7 +40,7 @@ from sae_lens.synthetic import (
 )
 from sae_lens.util import temporary_seed
 
-from evals.suite.layers import (
+from sae_gba_evals.suite.layers import (
     FixedSparsityActivationGenerator,
     NoisyFeatureDictionary,
     lognormal_magnitudes,

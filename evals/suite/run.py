@@ -28,10 +28,10 @@ from sae_lens.synthetic import (
 from sae_lens.util import temporary_seed
 from tqdm.auto import tqdm
 
-from evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
-from evals.suite.methods import l1_rule, method_k, sae_config
-from evals.synthetic_lab import _worker_init
 from sae_gba.recovery import best_match_cosine
+from sae_gba_evals.lab.runner import worker_init
+from sae_gba_evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
+from sae_gba_evals.suite.methods import l1_rule, method_k, sae_config
 
 # Offsets keep the SAE's initial weights, the training stream and the evaluation
 # stream apart from each other and from the data model's own seed.
@@ -77,7 +77,7 @@ class Job:
 
     Args:
         family: a key of ``FAMILIES``.
-        method: a method of ``evals.suite.methods``.
+        method: a method of ``sae_gba_evals.suite.methods``.
         seed: data and SAE seed.
         size: the shared sizes.
         gba: extra fields for ``gba_default``.
@@ -215,7 +215,7 @@ def run_jobs(
         with ProcessPoolExecutor(
             min(workers, len(jobs)),
             mp_context=get_context("spawn"),
-            initializer=_worker_init,
+            initializer=worker_init,
             initargs=(os.getpid(),),
         ) as pool:
             futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}

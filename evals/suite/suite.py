@@ -1,8 +1,8 @@
 """``sae-gba synth suite`` and ``sae-gba synth scaling``: feature recovery of GBA
 against TopK, BatchTopK and L1 on data families they were not tuned on.
 
-``suite`` trains every method of ``evals.suite.methods`` on every family of
-``evals.suite.families`` (3 seeds), all through SAELens's ``SyntheticSAERunner``,
+``suite`` trains every method of ``sae_gba_evals.suite.methods`` on every family of
+``sae_gba_evals.suite.families`` (3 seeds), all through SAELens's ``SyntheticSAERunner``,
 and reports per family and method: FRR@0.8 / @0.9 overall, per true-frequency third
 (common / middle / rare; for the hierarchical family also parents / children),
 SAELens's MCC and uniqueness, L0, explained variance, dead latents and runtime.
@@ -36,12 +36,12 @@ from typing import Any
 
 from sae_lens.saes.sae import TrainingSAEConfig
 
-from evals.suite.families import FAMILIES
-from evals.suite.methods import METHODS, TOPK_METHODS, parse_gba_overrides
-from evals.suite.methods import __doc__ as METHODS_DOC
-from evals.suite.plots import plot_scaling, plot_suite
-from evals.suite.run import SIZES, Job, Size, run_jobs
 from sae_gba.gba_sae import GBATrainingSAEConfig
+from sae_gba_evals.suite.families import FAMILIES
+from sae_gba_evals.suite.methods import METHODS, TOPK_METHODS, parse_gba_overrides
+from sae_gba_evals.suite.methods import __doc__ as METHODS_DOC
+from sae_gba_evals.suite.plots import plot_scaling, plot_suite
+from sae_gba_evals.suite.run import SIZES, Job, Size, run_jobs
 
 LABEL_KEYS = ("family", "method", "seed", "gba", "n", "width")
 SCALING_WIDTHS = (512, 2048, 8192)

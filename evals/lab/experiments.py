@@ -9,32 +9,16 @@ directions) and a fresh SAE initialisation, so "3 seeds" means 3 independent dat
 
 import json
 import math
-import multiprocessing
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from evals.synthetic_methods import (
-    Probe,
-    RunSpec,
-    dictionary,
-    feature_frequency,
-    measure,
-    train,
-)
-from evals.synthetic_plots import plot
-from evals.wsae_experiment import wsae_experiment
 from sae_gba.atomic import write_text_atomically
-from sae_gba.gba_sae import GBATrainingSAEConfig
 from sae_gba.recovery import (
     best_match_cosine,
     cross_seed_consistency,
@@ -47,147 +31,21 @@ from sae_gba.synthetic import (
     longtail_preset,
     uniform_preset,
 )
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and population standard deviation (0 for a single value)."""
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return statistics.fmean(values), std
-
-
-def seeded(spec: RunSpec, seed: int) -> RunSpec:
-    """The run for seed ``seed``: new data model and new SAE initialisation.
-
-    Args:
-        spec: the setting.
-        seed: the seed.
-
-    Returns:
-        The seeded run.
-    """
-    return spec.with_(seed=seed, data=replace(spec.data, seed=seed))
-
-
-def _run(spec: RunSpec, probe_every: int | None = None) -> dict[str, Any]:
-    """Train and measure one run; the result also holds the dictionary and probe."""
-    probe = Probe(probe_every) if probe_every else None
-    sae, model = train(spec, probe)
-    result = measure(sae, model)
-    result["dictionary"] = dictionary(sae)
-    result["trajectory"] = probe.records if probe else None
-    return result
-
-
-def _worker_init(parent: int) -> None:
-    torch.set_num_threads(1)
-
-    # A worker whose parent was killed (SIGTERM, not Ctrl-C, which reaches the whole
-    # process group) would otherwise train on as an orphan.
-    def exit_with_parent() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(1)
-
-    threading.Thread(target=exit_with_parent, daemon=True).start()
-
-
-def run_all(
-    specs: list[RunSpec], workers: int = 1, probe_every: int | None = None
-) -> list[dict[str, Any]]:
-    """Train and measure every run, in ``workers`` processes of one thread each.
-
-    Synthetic runs are small matmuls that one thread runs nearly as fast as many,
-    so a process per core gives close to a core's worth of speed-up each.
-
-    Args:
-        specs: the runs.
-        workers: processes (1: run here, in order).
-        probe_every: record recovery every this many steps (None: do not).
-
-    Returns:
-        ``measure``'s dict per run, in order, plus ``dictionary`` and ``trajectory``.
-    """
-    if workers <= 1 or len(specs) <= 1:
-        return [_run(spec, probe_every) for spec in tqdm(specs, desc="runs")]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        min(workers, len(specs)),
-        mp_context=context,
-        initializer=_worker_init,
-        initargs=(os.getpid(),),
-    ) as pool:
-        futures = [pool.submit(_run, spec, probe_every) for spec in specs]
-        return [future.result() for future in tqdm(futures, desc="runs")]
-
-
-DEFAULT_WORKERS = os.cpu_count() or 1
-
-
-def _row(name: str, spec: RunSpec, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean FRR (and per-seed values) of one setting's seeded runs.
-
-    Args:
-        name: the method label of the row.
-        spec: the setting.
-        results: ``run_all``'s results for seeds 0 .. len(results) - 1.
-
-    Returns:
-        The row.
-    """
-    seeds = len(results)
-    frr8, frr8_std = _mean_std([r["frr@0.8"] for r in results])
-    frr9, frr9_std = _mean_std([r["frr@0.9"] for r in results])
-    return {
-        "method": name,
-        "k": spec.k,
-        "frr@0.8": frr8,
-        "frr@0.8_std": frr8_std,
-        "frr@0.9": frr9,
-        "frr@0.9_std": frr9_std,
-        "frr@0.8_per_seed": [r["frr@0.8"] for r in results],
-        "frr@0.9_per_seed": [r["frr@0.9"] for r in results],
-        "l0": statistics.fmean(r["l0"] for r in results),
-        "explained_variance": statistics.fmean(
-            float(r["explained_variance"]) for r in results
-        ),
-        "seeds": seeds,
-    }
-
-
-def _rows(
-    named_specs: list[tuple[str, RunSpec]],
-    seeds: int,
-    workers: int,
-    probe_every: int | None = None,
-) -> list[dict[str, Any]]:
-    """One row per ``(name, spec)``, each over ``seeds`` seeds, all runs in parallel;
-    with ``probe_every``, a row also has its seed-mean ``frr@0.9_by_step``."""
-    runs = [seeded(spec, seed) for _, spec in named_specs for seed in range(seeds)]
-    results = run_all(runs, workers, probe_every)
-    rows = []
-    for i, (name, spec) in enumerate(named_specs):
-        seeded_results = results[i * seeds : (i + 1) * seeds]
-        row = _row(name, spec, seeded_results)
-        if probe_every:
-            by_step = zip(*(r["trajectory"] for r in seeded_results), strict=True)
-            row["frr@0.9_by_step"] = [
-                [records[0]["step"], statistics.fmean(r["frr@0.9"] for r in records)]
-                for records in by_step
-            ]
-        rows.append(row)
-    return rows
-
-
-def _settings(base: RunSpec) -> dict[str, Any]:
-    """The shared training settings of an experiment, for its JSON."""
-    return {
-        "width": base.width,
-        "steps": base.steps,
-        "batch_size": base.batch_size,
-        "lr": base.lr,
-        "normalize_activations": base.normalize_activations,
-        "gba": dict(base.gba),
-    }
+from sae_gba_evals.lab.ablation import ablate, ablation_variants
+from sae_gba_evals.lab.methods import (
+    RunSpec,
+    feature_frequency,
+)
+from sae_gba_evals.lab.plots import plot
+from sae_gba_evals.lab.runner import (
+    DEFAULT_WORKERS,
+    mean_std,
+    run_all,
+    seeded,
+    setting_rows,
+    shared_settings,
+)
+from sae_gba_evals.lab.wsae_run import wsae_experiment
 
 
 def imbalanced(
@@ -215,9 +73,9 @@ def imbalanced(
     ]
     return {
         "experiment": "imbalanced",
-        "rows": _rows(specs, seeds, workers),
+        "rows": setting_rows(specs, seeds, workers),
         "feature_frequency": feature_frequency(base.data),
-        "settings": _settings(base),
+        "settings": shared_settings(base),
     }
 
 
@@ -296,7 +154,7 @@ def resonance(
             }
             grid.append({"d": d, "p_over_f": ratio, "p": target, "f": f})
             specs.append(("ba", base.with_(method="ba", data=data, gba=gba)))
-    rows = _rows(specs, seeds, workers, probe_every=max(1, base.steps // 10))
+    rows = setting_rows(specs, seeds, workers, probe_every=max(1, base.steps // 10))
     keys = ("frr@0.8", "frr@0.9", "frr@0.9_per_seed", "frr@0.9_by_step")
     cells = [
         {
@@ -319,7 +177,7 @@ def resonance(
         "chance": {
             str(d): chance_recovery(replace(base.data, d=d), base.width) for d in dims
         },
-        "settings": _settings(base),
+        "settings": shared_settings(base),
     }
 
 
@@ -406,7 +264,7 @@ def consistency(
             for b in range(seeds)
             if a != b
         ]
-        mean, std = _mean_std(pairs)
+        mean, std = mean_std(pairs)
         rows.append(
             {
                 "method": name,
@@ -421,7 +279,7 @@ def consistency(
         "experiment": "consistency",
         "top_fraction": top_fraction,
         "rows": rows,
-        "settings": _settings(base),
+        "settings": shared_settings(base),
     }
 
 
@@ -462,7 +320,7 @@ def longtail(
         }
         for (name, seed), run, measured in zip(named, runs, results, strict=True)
     ]
-    return {"experiment": "longtail", "rows": rows, "settings": _settings(base)}
+    return {"experiment": "longtail", "rows": rows, "settings": shared_settings(base)}
 
 
 def planted(
@@ -502,121 +360,7 @@ def planted(
         }
         for (name, seed), run, measured in zip(named, runs, results, strict=True)
     ]
-    return {"experiment": "planted", "rows": rows, "settings": _settings(base)}
-
-
-# GBATrainingSAEConfig's (SAELens's) default initial output scale.
-DEFAULT_SCALE = GBATrainingSAEConfig.decoder_init_norm
-
-
-def ablation_variants(base: RunSpec) -> list[tuple[str, RunSpec]]:
-    """GBA on the imbalanced set, one factor changed at a time from ``base``.
-
-    Args:
-        base: the default GBA run.
-
-    Returns:
-        ``(label, spec)`` pairs, the default first.
-    """
-
-    def gba(**changes: Any) -> RunSpec:
-        return base.with_(gba={**base.gba, **changes})
-
-    return [
-        ("default", base),
-        ("train_output_scale=False", gba(train_output_scale=False)),
-        ("output_scale_init=1", gba(decoder_init_norm=1.0)),
-        ("output_scale_init=0.3", gba(decoder_init_norm=0.3)),
-        ("output_scale_init=0.01", gba(decoder_init_norm=0.01)),
-        ("width*4", base.with_(width=base.width * 4)),
-        # Width x4 quadruples L0; a quarter of the output scale keeps a * L0 as it was.
-        (
-            "width*4 & output_scale_init/4",
-            gba(
-                decoder_init_norm=base.gba.get("decoder_init_norm", DEFAULT_SCALE) / 4
-            ).with_(width=base.width * 4),
-        ),
-        ("steps*3", base.with_(steps=base.steps * 3)),
-        ("lr/3", base.with_(lr=base.lr / 3)),
-        ("n_groups=3", gba(n_groups=3)),
-        ("htf=0.1", gba(high_target_freq=0.1)),
-        ("ltf=1e-3", gba(low_target_freq=1e-3)),
-        ("adaptation_interval=10", gba(adaptation_interval=10)),
-        ("gate_bias_init=target_quantile", gba(gate_bias_init="target_quantile")),
-        ("per-sample norm", base.with_(normalize_activations="constant_norm_rescale")),
-        (
-            "coefficients=constant",
-            base.with_(data=replace(base.data, coefficient_distribution="constant")),
-        ),
-        (
-            "coefficients=exponential",
-            base.with_(data=replace(base.data, coefficient_distribution="exponential")),
-        ),
-    ]
-
-
-DATA_PRESETS: dict[str, Callable[[], Any]] = {
-    "imbalanced": imbalanced_preset,
-    "uniform": uniform_preset,
-    "longtail": longtail_preset,
-}
-
-
-def ablate(
-    seeds: int = 1,
-    base: RunSpec | None = None,
-    workers: int = DEFAULT_WORKERS,
-    variants: list[str] | None = None,
-    methods: list[str] | None = None,
-    data: str = "imbalanced",
-) -> dict[str, Any]:
-    """GBA on the imbalanced set, one setting changed at a time, with the output
-    scale trained (the paper's recipe) and frozen (the theory's regime).
-
-    Args:
-        seeds: seeds per variant.
-        base: the default GBA run.
-        workers: parallel training processes.
-        variants: labels of ``ablation_variants`` to run (None: all).
-        methods: "gba" and/or "gba_frozen_scale" (None: both).
-        data: the data preset of the base run when ``base`` is None: "imbalanced"
-            (the set the variants were chosen on), or "uniform" (s = 3) and "longtail"
-            to check a variant on data it was not chosen on.
-
-    Returns:
-        ``{"experiment": "ablate", "rows": [{"variant", "method", "frr@0.8", ...}]}``.
-    """
-    if data not in DATA_PRESETS:
-        raise ValueError(
-            f"data={data!r} is invalid: must be one of {list(DATA_PRESETS)}"
-        )
-    base = base or RunSpec(method="gba", data=DATA_PRESETS[data]())
-    all_variants = ablation_variants(base)
-    all_methods = ("gba", "gba_frozen_scale")
-    labels = [label for label, _ in all_variants]
-    for field, chosen, allowed in (
-        ("variants", variants, labels),
-        ("methods", methods, all_methods),
-    ):
-        unknown = sorted(set(chosen or ()) - set(allowed))
-        if unknown:
-            raise ValueError(f"{field}={unknown} is invalid: must be among {allowed}")
-    named = [
-        (f"{method}: {label}", spec.with_(method=method))
-        for method in methods or all_methods
-        for label, spec in all_variants
-        if (variants is None or label in variants)
-        and not (method == "gba_frozen_scale" and label.startswith("train_output"))
-    ]
-    rows = _rows(named, seeds, workers)
-    for row in rows:
-        row["method"], row["variant"] = row["method"].split(": ", 1)
-    return {
-        "experiment": "ablate",
-        "data": data,
-        "rows": rows,
-        "settings": _settings(base),
-    }
+    return {"experiment": "planted", "rows": rows, "settings": shared_settings(base)}
 
 
 EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {

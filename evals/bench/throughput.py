@@ -11,8 +11,8 @@ and its fraction of the best ``torch.mm`` rate measured on the same shapes in th
 same run. GBA is timed twice: ``settled``, with every neuron's gate bias at its
 group's target frequency (what bias adaptation converges to, 8% of gates open on
 average with the defaults), and ``init``, with the biases of a fresh SAE (half of the
-gates open). Also measures the embedded Gemma-3-270M's activation harvest rate (layer
-9 resid_post, bfloat16, as ``sae-gba demo`` harvests). Writes the JSON and a PNG
+gates open). Also measures the embedded Gemma-3-270M's activation harvest rate
+(:mod:`sae_gba_evals.bench.harvest`). Writes the JSON and a PNG
 beside it.
 """
 
@@ -36,6 +36,8 @@ from sae_gba.fast_step import fast_step_enabled
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.training import TensorDataProvider, make_trainer
 from sae_gba.weighted import WeightedTrainingMixin, input_weights
+from sae_gba_evals.bench.harvest import harvest_rate
+from sae_gba_evals.bench.plots import plot_throughput, shape_of
 
 SHAPES = ((640, 4096, 1024), (640, 16384, 4096), (2304, 16384, 1024))
 ARCHS = ("gba", "weighted_gba", "topk", "batchtopk", "jumprelu", "standard")
@@ -249,46 +251,6 @@ def profile_steps(step: Callable[[], Any], steps: int, top: int = 12) -> list[di
     ]
 
 
-def harvest_rate(windows: int = 48, batch_windows: int = 16) -> dict[str, float]:
-    """Tokens/s of the embedded Gemma-3-270M up to layer 9 resid_post, bfloat16.
-
-    The demo's harvest: ``run_with_cache`` on 128-token windows, stopping after the
-    hooked block; BOS positions are not counted (the runner excludes them).
-    """
-    from sae_gba.embedded import embedded_token_dataset, load_embedded_model
-    from sae_gba.presets import EMBEDDED
-
-    start = time.perf_counter()
-    model = load_embedded_model(dtype=torch.bfloat16)
-    load_seconds = time.perf_counter() - start
-    tokens = torch.tensor(
-        embedded_token_dataset("train", EMBEDDED.context_size)["tokens"][
-            : windows + batch_windows
-        ]
-    )
-    hook = EMBEDDED.hook_name
-
-    @torch.no_grad()
-    def harvest(batch: torch.Tensor) -> torch.Tensor:
-        _, cache = model.run_with_cache(
-            batch, names_filter=hook, stop_at_layer=EMBEDDED.layer + 1
-        )
-        return cache[hook][:, 1:]
-
-    harvest(tokens[:batch_windows])  # warm-up
-    start = time.perf_counter()
-    n = 0
-    starts = range(batch_windows, batch_windows + windows, batch_windows)
-    for i in tqdm(starts, desc="bench: harvest", unit="batch"):
-        n += harvest(tokens[i : i + batch_windows]).shape[:2].numel()
-    seconds = time.perf_counter() - start
-    return {
-        "harvest_tokens_per_s": n / seconds,
-        "harvest_tokens_timed": n,
-        "model_load_seconds": load_seconds,
-    }
-
-
 def _runs(shape: tuple[int, int, int]) -> list[tuple[str, str | None]]:
     """(arch, gate state) pairs timed at a shape; ``init`` GBA only for plain gba."""
     runs: list[tuple[str, str | None]] = []
@@ -403,18 +365,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _shape_of(row: dict[str, Any]) -> tuple[int, int, int]:
-    return row["d_in"], row["d_sae"], row["batch"]
-
-
 def _acceptance(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per shape: GBA (settled and init) tokens/s over topk's, and GBA's peak fraction."""
     checks = []
     for row in rows:
         if row["arch"] != "gba":
             continue
-        shape = _shape_of(row)
-        topk = next(r for r in rows if r["arch"] == "topk" and _shape_of(r) == shape)
+        shape = shape_of(row)
+        topk = next(r for r in rows if r["arch"] == "topk" and shape_of(r) == shape)
         checks.append(
             {
                 "shape": list(shape),
@@ -426,37 +384,3 @@ def _acceptance(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return checks
-
-
-def plot_throughput(result: dict[str, Any], path: Path) -> None:
-    """Bars of tokens/s per architecture, one panel per shape, peak fraction on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    all_rows = result["rows"] + result["gba_init_rows"]
-    shapes = sorted({_shape_of(r) for r in all_rows})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.5))
-    for ax, shape in zip(
-        list(axes) if len(shapes) > 1 else [axes], shapes, strict=True
-    ):
-        rows = [r for r in all_rows if _shape_of(r) == shape]
-        labels = [
-            r["arch"] + (f"\n({r['gate_state']})" if r.get("gate_state") else "")
-            for r in rows
-        ]
-        colors = ["C1" if r["arch"].endswith("gba") else "C0" for r in rows]
-        bars = ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color=colors)
-        ax.bar_label(bars, [f"{r['peak_fraction']:.2f}" for r in rows], fontsize=8)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"d_in={shape[0]}, d_sae={shape[1]}, batch={shape[2]}")
-        ax.set_ylabel("training tokens/s (bar label: fraction of mm peak)")
-    fig.suptitle(
-        f"Training-step throughput, {result['threads']} threads, "
-        f"mm peak {result['mm_peak_gflops']:.0f} GFLOP/s"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,0 +1,176 @@
+"""``run_compare``: harvest once, train every sweep point, evaluate all, report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sae_gba_evals.compare.config import (
+    EVALS,
+    CompareError,
+    ComparePreset,
+    CompareSize,
+    resolve_request,
+    sweep_points,
+)
+from sae_gba_evals.compare.data import model_and_hook, preset_data
+from sae_gba_evals.compare.evaluate import evaluate_all
+from sae_gba_evals.compare.report import report
+from sae_gba_evals.compare.train import harvest_and_train, sae_metadata, trained_record
+from sae_gba_evals.saebench.common import EvalError, require_saebench
+
+if TYPE_CHECKING:
+    import datasets
+    from transformer_lens import HookedTransformer
+
+
+def _default_command(
+    out: Path, preset: str, size: CompareSize, methods: Sequence[str]
+) -> str:
+    return (
+        f"sae-gba compare --out {out} --preset {preset} --size {size.name} "
+        f"--methods {','.join(methods)}"
+    )
+
+
+def _windows(
+    preset: ComparePreset,
+    model: HookedTransformer,
+    dataset_path: str | None,
+    seed: int,
+    train_windows: torch.Tensor | None,
+    held_out: datasets.Dataset | None,
+) -> tuple[torch.Tensor, datasets.Dataset, str, str]:
+    """The given windows, or the preset's (:func:`preset_data`), with their labels."""
+    if train_windows is not None and held_out is not None:
+        return train_windows, held_out, "given token windows", "given token windows"
+    windows, held, train_label, held_label = preset_data(
+        preset, model, dataset_path, seed
+    )
+    if train_windows is not None:
+        train_label = "given token windows"
+    if held_out is not None:
+        held_label = "given token windows"
+    return (
+        windows if train_windows is None else train_windows,
+        held if held_out is None else held_out,
+        train_label,
+        held_label,
+    )
+
+
+def run_compare(
+    out: str | Path,
+    *,
+    preset: str | ComparePreset = "embedded",
+    size: str | CompareSize = "default",
+    methods: Sequence[str] | None = None,
+    evals: Sequence[str] = EVALS,
+    model_path: str | None = None,
+    dataset_path: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    model: HookedTransformer | None = None,
+    train_windows: torch.Tensor | None = None,
+    held_out: datasets.Dataset | None = None,
+    layer: int | None = None,
+    probes_dir: str | Path | None = None,
+    absorption_options: dict[str, Any] | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Harvest once, train every (method, target L0), evaluate all, write the report.
+
+    Args:
+        out: output folder (resumable: finished SAEs and evals are kept).
+        preset: a key of :data:`COMPARE_PRESETS`, or a :class:`ComparePreset`.
+        size: a key of the preset's sizes, or a :class:`CompareSize`.
+        methods: SAELens training architectures from :data:`METHODS`
+            (None: :data:`DEFAULT_METHODS`).
+        evals: any of "core", "absorption".
+        model_path: local model folder (Gemma-2-2B preset).
+        dataset_path: a ``save_to_disk`` folder whose rows are split into training
+            and held-out (default: the embedded Wikipedia slice, split by article).
+        device: torch device.
+        seed: seed of the SAE initialisations, batch order and window order.
+        model: an already loaded model (used in its dtype) instead of the preset's.
+        train_windows: (n, context) training token windows instead of the preset's.
+        held_out: held-out windows ("tokens" column) instead of the preset's.
+        layer: residual-stream block (default: the preset's).
+        probes_dir: absorption ground-truth probe folder (default: the shared cache).
+        absorption_options: further ``AbsorptionEvalConfig`` fields.
+        command: the command line recorded in the report.
+        progress: show progress bars.
+
+    Returns:
+        What ``compare.json`` holds.
+    """
+    chosen, size, methods = resolve_request(preset, size, methods, evals)
+    points = sweep_points(methods, size)
+    try:
+        require_saebench()
+    except EvalError as err:
+        raise CompareError(str(err)) from err
+    out = Path(out)
+    # Settings of finished SAEs are checked before the model is even loaded.
+    records = {p.name: trained_record(out / "saes" / p.name, p, size) for p in points}
+    out.mkdir(parents=True, exist_ok=True)
+    wall = time.perf_counter()
+    model, model_name, hook_name = model_and_hook(
+        chosen, model, model_path, device, size.llm_dtype, layer
+    )
+    timings = {"model_load_s": time.perf_counter() - wall}
+    train_windows, held_out, train_label, held_label = _windows(
+        chosen, model, dataset_path, seed, train_windows, held_out
+    )
+    harvest_info = harvest_and_train(
+        out,
+        model,
+        (hook_name, sae_metadata(model_name, hook_name, train_windows, train_label)),
+        train_windows,
+        size,
+        points,
+        records,
+        seed,
+        progress,
+    )
+    timings["harvest_s"] = harvest_info["seconds"]
+    timings["train_s"] = sum(r.get("seconds_this_run", 0.0) for r in records.values())
+    start = time.perf_counter()
+    settings = size.eval_settings(len(held_out[0]["tokens"]))
+    rows, memo = evaluate_all(
+        out,
+        records,
+        model,
+        (held_out, held_label),
+        settings,
+        evals,
+        size.memo_bytes,
+        hook_name,
+        probes_dir,
+        absorption_options,
+        progress,
+    )
+    timings["eval_s"] = time.perf_counter() - start
+    timings["total_this_run_s"] = time.perf_counter() - wall
+    header = {
+        "command": command or _default_command(out, chosen.name, size, methods),
+        "preset": chosen.name,
+        "size": asdict(size),
+        "methods": list(methods),
+        "evals": list(evals),
+        "seed": seed,
+        "model": model_name,
+        "hook_name": hook_name,
+        "train_data": train_label,
+        "held_out_data": held_label,
+        "harvest": harvest_info,
+        "timings": timings,
+        "memoized_forward": memo,
+    }
+    return report(out, header, rows)

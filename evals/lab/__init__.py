@@ -1,0 +1,1 @@
+"""The GBA paper's synthetic feature-recovery experiments (``sae-gba synth``)."""

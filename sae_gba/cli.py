@@ -541,7 +541,7 @@ def _bench(args: argparse.Namespace) -> _Job:
 
 
 def _bench_scaling(args: argparse.Namespace, out: Path) -> _Job:
-    from evals.bench_scaling import SHAPES
+    from sae_gba_evals.bench.scaling import SHAPES
 
     if args.size not in SHAPES:
         raise UsageError(
@@ -550,7 +550,7 @@ def _bench_scaling(args: argparse.Namespace, out: Path) -> _Job:
     _device(args.device)
 
     def run() -> None:
-        from evals.bench_scaling import run_scaling
+        from sae_gba_evals.bench.scaling import run_scaling
 
         ranks = (1,) if args.device.startswith("cuda") else (1, 2)
         result = run_scaling(out, args.size, args.device, args.threads, ranks)

@@ -292,7 +292,7 @@ def test_bad_parallel_options_are_named(tmp_path, capsys, argv, message):
 
 def test_torchrun_launches_two_ranks_of_the_scaling_bench():
     """The real launcher: torchrun's rendezvous, env-initialised gloo group."""
-    from evals.bench_scaling import time_distributed
+    from sae_gba_evals.bench.scaling import time_distributed
 
     rate = time_distributed((16, 64, 32), 2, warmup=1, timed=2, threads=2, device="cpu")
     assert rate["tokens_per_s"] > 0 and rate["step_s"] > 0

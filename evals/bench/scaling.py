@@ -175,7 +175,7 @@ def time_distributed(
                 "--standalone",
                 f"--nproc-per-node={ranks}",
                 "-m",
-                "evals.bench_scaling",
+                "sae_gba_evals.bench.scaling",
                 str(spec_file),
             ]
         )
@@ -303,6 +303,6 @@ def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m evals.bench_scaling")
+    parser = argparse.ArgumentParser(prog="python -m sae_gba_evals.bench.scaling")
     parser.add_argument("spec", help="a worker spec JSON (written by run_scaling)")
     worker(json.loads(Path(parser.parse_args().spec).read_text()))

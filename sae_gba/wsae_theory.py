@@ -1,6 +1,6 @@
-"""The closed-form SAE theory of seed 003 (Weighted SAE paper), as runnable code.
+"""The closed-form SAE theory of the WSAE paper (On the Theoretical Understanding of Identifiable Sparse Autoencoders and Beyond), as runnable code.
 
-Pure torch, float64 by default, no SAELens. Notation follows seed 003 ("Mathematical
+Pure torch, float64 by default, no SAELens. Notation follows the WSAE paper ("Mathematical
 Formulations"): ground-truth monosemantic features ``x`` in R^n (non-negative, each
 coordinate zero with probability S), superposed polysemantic input ``x_p = W_p x`` in
 R^{n_p} (n_p < n), and a tied, bias-free SAE with latents ``x_m = sigma(W_m x_p)`` in
@@ -165,7 +165,7 @@ def gt_loss(
     x_BN: Tensor,
     activation: Activation = torch.relu,
 ) -> Tensor:
-    """``L_GT = E ||x - sigma(W_m W_p x)||^2`` (seed 003, "Reconstruction Gap").
+    """``L_GT = E ||x - sigma(W_m W_p x)||^2`` (the WSAE paper, "Reconstruction Gap").
 
     With n_m > n, x is zero-padded to n_m (the seed's "~" up to zero-padding).
 
@@ -272,10 +272,10 @@ def superposition_matrix(
     ``"gaussian"``: i.i.d. Gaussian entries, columns normalised; every input dimension
     mixes all n features (equally polysemantic on average).
 
-    ``"mixed"``: seed 003's picture of a mix of monosemantic and superposed dimensions,
+    ``"mixed"``: the WSAE paper's picture of a mix of monosemantic and superposed dimensions,
     block diagonal. The first ``n_mono`` input dimensions are monosemantic: dimension i
     is exactly feature i (``W_p[i, i] = 1``, zero elsewhere in its row and column), so
-    those features have no interference with any other (seed 003, Theorem 5: "weights
+    those features have no interference with any other (the WSAE paper, Theorem 5: "weights
     near 1 to monosemantic dimensions (small off-diagonal interference)"). The other
     ``n - n_mono`` features are superposed in the remaining ``n_p - n_mono`` dimensions
     only: a Gaussian block with unit-norm columns, so every one of those dimensions is a
@@ -323,7 +323,7 @@ def make_wsae_data(
     w_p_kind: str = "gaussian",
     n_mono: int | None = None,
 ) -> WSAEData:
-    """Sample x and ``x_p = W_p x`` under seed 003's sparsity assumption.
+    """Sample x and ``x_p = W_p x`` under the WSAE paper's sparsity assumption.
 
     Each x_i is 0 with probability ``sparsity`` (S) and otherwise drawn from U(0, 1]
     (the seed fixes only positivity; uniform magnitudes follow the toy-models setting).
@@ -335,8 +335,8 @@ def make_wsae_data(
     of variance, a monosemantic one a single feature's.
 
     Args:
-        n: number of ground-truth features (seed 002's toy model: 200).
-        n_p: polysemantic dimension, < n (seed 002's toy model: 20).
+        n: number of ground-truth features (the WSAE paper's toy model: 200).
+        n_p: polysemantic dimension, < n (the WSAE paper's toy model: 20).
         sparsity: S in [0, 1); see :data:`SPARSITY_SWEEP`.
         n_samples: batch size.
         seed: seeds a private generator, so the global RNG is untouched.
@@ -360,7 +360,7 @@ def make_wsae_data(
 def ground_truth_error_on_support(x_BN: Tensor, x_m_BN: Tensor) -> Tensor:
     """Ground-truth reconstruction error on the non-zero dimensions of x.
 
-    ``E sum_{i : x_i > 0} (x_i - x_m,i)^2``: seed 003's L_GT ("Reconstruction Gap")
+    ``E sum_{i : x_i > 0} (x_i - x_m,i)^2``: the WSAE paper's L_GT ("Reconstruction Gap")
     restricted to the support of x, the quantity of its Experimental Verification panel
     (a), "reconstruction error on the non-sparse dimensions of the ground truth". This is
     where shrinking and vanishing show; adding the same sum over the zero dimensions gives
@@ -387,7 +387,7 @@ def polysemantic_error(x_p_BP: Tensor, x_p_hat_BP: Tensor) -> Tensor:
 
 
 def aligned_latents(latents_BM: Tensor, decoder_MP: Tensor, w_p_PN: Tensor) -> Tensor:
-    """Put a trained SAE's latents in the order and units of x (seed 003's "x_m ~ x").
+    """Put a trained SAE's latents in the order and units of x (the WSAE paper's "x_m ~ x").
 
     Ground-truth feature i is matched to the latent whose decoder row has the largest
     cosine with column i of W_p; the latent is rescaled by

@@ -1,4 +1,4 @@
-"""Tests for the closed-form SAE theory of seed 003 (sae_gba.wsae_theory)."""
+"""Tests for the closed-form SAE theory of the WSAE paper (sae_gba.wsae_theory)."""
 
 import math
 
@@ -28,7 +28,7 @@ from sae_gba.wsae_theory import (
 # The seed prints one decimal place: a printed value v stands for [v - 0.05, v + 0.05].
 PRINTED_ONE_DECIMAL = 0.05
 IDENTITY_ATOL = 1e-5
-# (n, n_p, batch): the toy example size, a small one, seed 002's toy model, near-square.
+# (n, n_p, batch): the toy example size, a small one, the WSAE paper's toy model, near-square.
 SHAPES = [(3, 2, 64), (10, 4, 128), (200, 20, 256), (33, 32, 64)]
 
 
@@ -56,7 +56,7 @@ def _instance(n: int, n_p: int, batch: int, seed: int, weighted: bool):
     return w_p, x, gamma
 
 
-# ---------------------------------------------------------------- seed 003's examples
+# ---------------------------------------------------------------- the WSAE paper's examples
 
 
 def test_shrinking_example__matches_seed():

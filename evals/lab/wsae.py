@@ -5,9 +5,9 @@ Run: ``sae-gba synth wsae --out runs/synth/wsae.json`` (2 kinds of W_p x 5 spars
 sparsity, seed) cells are spread over ``--workers`` processes, by default one per core:
 16.3 minutes wall with 2 workers on a shared 2-core machine under a load of about 5).
 
-The setting is seed 003's (the WSAE paper, "Experimental Verification"): ground-truth
+The setting is the WSAE paper's (the WSAE paper, "Experimental Verification"): ground-truth
 features x in R^n, non-negative, each coordinate zero with probability S; superposed
-inputs ``x_p = W_p x`` in R^{n_p}, n_p < n (seed 002's toy model: n = 200, n_p = 20);
+inputs ``x_p = W_p x`` in R^{n_p}, n_p < n (the WSAE paper's toy model: n = 200, n_p = 20);
 sparsity swept from moderate to extreme (:data:`WSAE_SPARSITIES`:
 :data:`~sae_gba.wsae_theory.SPARSITY_SWEEP` without 0.95, dropped when the second kind of
 W_p doubled the runs, to stay near 10 single-threaded minutes).
@@ -19,7 +19,7 @@ architecture. The WSAE is SAELens's ``weighted_standard`` (``sae_gba.weighted``)
 weights are estimated from the per-dimension variance of the first
 ``weight_estimation_batches`` training batches, ``gamma_i = var_i^alpha``, normalised to
 ``mean(gamma^2) = 1``, which is what the weighted architectures do by default. Reported
-per S, mean and std over seeds: seed 003's panel (a), the ground-truth reconstruction
+per S, mean and std over seeds: the WSAE paper's panel (a), the ground-truth reconstruction
 error on the non-zero dimensions of x, and panel (b), the polysemantic reconstruction
 error (``sae_gba.wsae_theory``'s functions, on held-out samples).
 
@@ -48,7 +48,7 @@ Two kinds of W_p (``make_wsae_data``'s ``w_p_kind``), both with unit-norm column
   the dimensions differ in variance only through the norms of W_p's rows: the variance
   weights are fairly uniform (alpha 1: about 0.7 to 1.35) and the weighting has little
   to act on.
-- ``"mixed"``: seed 003's picture of monosemantic and superposed dimensions side by
+- ``"mixed"``: the WSAE paper's picture of monosemantic and superposed dimensions side by
   side. The first ``n_mono`` = 10 input dimensions are features 0..9 themselves; the
   other 10 are a Gaussian mix of the remaining 190 features. A polysemantic dimension
   then carries about 19 features' worth of variance and a monosemantic one a single
@@ -288,7 +288,7 @@ def evaluate(
 
     Returns:
         ``gt_error_on_support``; ``gt_error_off_support``, ``E sum_{i: x_i = 0}
-        x_m,i^2`` (the rest of seed 003's L_GT: the on-support error alone does not
+        x_m,i^2`` (the rest of the WSAE paper's L_GT: the on-support error alone does not
         penalise latents that fire where the feature is absent);
         ``polysemantic_error``; ``l0``, the mean number of active latents; with
         ``n_mono``, ``gt_error_on_support_mono`` / ``_poly``.

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
+from typing_extensions import override
 
 from sae_gba.atomic import replace_folder
 from sae_gba.collectives import (
@@ -49,13 +50,11 @@ from sae_gba.collectives import (
 )
 from sae_gba.progress import progress_bars
 from sae_gba.training import (
-    CHECKPOINT_PREFIX,
     CheckpointedFit,
     check_finite,
     latest_checkpoint,
     make_trainer,
     resume_from_checkpoint,
-    save_checkpoint_atomically,
 )
 
 # Seconds a collective waits for a rank that is alive but stuck; a rank that died is
@@ -189,15 +188,11 @@ class ParallelFit(CheckpointedFit):
     def checkpoint(self) -> Path:
         """Collect the counts on rank 0, which writes the checkpoint."""
         collect_on_first_rank(self.trainer)
-        steps = self.trainer.n_training_steps
-        path = self.folder / f"{CHECKPOINT_PREFIX}{steps:09d}"
-        if dist.get_rank() == 0:
-            save_checkpoint_atomically(self.trainer, self.data, path)
-            for old in self.folder.glob(f"{CHECKPOINT_PREFIX}*"):
-                if old != path:
-                    shutil.rmtree(old, ignore_errors=True)
-        self.saved_steps, self.saved_at = steps, time.monotonic()
-        return path
+        return super().checkpoint()
+
+    @override
+    def writes_checkpoints(self) -> bool:
+        return dist.get_rank() == 0
 
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint, on any number of ranks.

@@ -352,12 +352,17 @@ class CheckpointedFit(Iterator[torch.Tensor]):
         """Write a checkpoint now and drop the older ones."""
         steps = self.trainer.n_training_steps
         path = self.folder / f"{CHECKPOINT_PREFIX}{steps:09d}"
-        save_checkpoint_atomically(self.trainer, self.data, path)
-        for old in self.folder.glob(f"{CHECKPOINT_PREFIX}*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
+        if self.writes_checkpoints():
+            save_checkpoint_atomically(self.trainer, self.data, path)
+            for old in self.folder.glob(f"{CHECKPOINT_PREFIX}*"):
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
         self.saved_steps, self.saved_at = steps, time.monotonic()
         return path
+
+    def writes_checkpoints(self) -> bool:
+        """Whether this process writes the files (one rank of several does not)."""
+        return True
 
     def fit(self) -> Any:
         """``trainer.fit()`` with the signal handlers in place."""

@@ -574,7 +574,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         processed_out = self.hook_sae_recons(processed_out)
         scale = self.input_scale.to(processed_out)
         # Per-dimension squared errors through SAELens's mse_loss_fn hook, so a
-        # weighted subclass (sae_gba.weighted) can weight them.
+        # weighted subclass (sae_gba.weighted_sae) can weight them.
         squared_error = self.mse_loss_fn(processed_out, processed_in)
         mse_loss = 0.5 * (squared_error / scale.square()).sum(dim=-1).mean()
         sae_out = self.reshape_fn_out(

@@ -9,7 +9,7 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_gba import fast_step
 from sae_gba.fast_step import FAST_STEP_ENV, fused_forward, plan_runs
 from sae_gba.gba_sae import GBATrainingSAE, GBATrainingSAEConfig
-from sae_gba.weighted import WeightedGBATrainingSAE, WeightedGBATrainingSAEConfig
+from sae_gba.weighted_sae import WeightedGBATrainingSAE, WeightedGBATrainingSAEConfig
 
 D_IN, D_SAE, N_TOKENS = 12, 48, 96
 # (block, max_density): everything dense, everything CSR, and a mix of both.

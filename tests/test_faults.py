@@ -35,7 +35,7 @@ from sae_gba.training import (
     latest_checkpoint,
     make_trainer,
 )
-from sae_gba.weighted import WeightedTopKTrainingSAE, WeightedTopKTrainingSAEConfig
+from sae_gba.weighted_sae import WeightedTopKTrainingSAE, WeightedTopKTrainingSAEConfig
 from tests.conftest import runner_dict, tiny_model, token_dataset
 
 SAE_GBA = str(Path(sys.executable).with_name("sae-gba"))

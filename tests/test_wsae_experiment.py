@@ -19,7 +19,7 @@ from evals.wsae_experiment import (
     run_cell,
     train_sae,
 )
-from sae_gba.weighted import ESTIMATED, input_weights
+from sae_gba.weighted_sae import ESTIMATED, input_weights
 from sae_gba.wsae_theory import (
     closed_form_encoder,
     ground_truth_error_on_support,

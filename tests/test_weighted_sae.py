@@ -22,7 +22,7 @@ from sae_gba.training import (
     resume_from_checkpoint,
     save_checkpoint_atomically,
 )
-from sae_gba.weighted import (
+from sae_gba.weighted_sae import (
     INPUT_WEIGHTS_FILENAME,
     WEIGHTED_CLASSES,
     WeightedStandardTrainingSAEConfig,

@@ -16,7 +16,7 @@ from sae_gba.metrics import DENSE_FREQUENCY, summarize_window
 from sae_gba.synthetic import SyntheticFeatureModel, uniform_preset
 from sae_gba.training import TensorDataProvider, make_trainer
 from sae_gba.weighted_sae import WEIGHTED_CLASSES
-from tests.conftest import runner_dict, tiny_model, token_dataset
+from tests.helpers import runner_dict, tiny_model, token_dataset
 
 GROUP_METRICS = (
     "target_freq",

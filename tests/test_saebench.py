@@ -12,13 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    runner_dict,
-    save_word_tokenizer,
-    tiny_model,
-    tiny_speller,
-    token_dataset,
-)
 from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
@@ -39,15 +32,17 @@ from evals.saebench_absorption import (
 from sae_gba.cli import main
 from sae_gba.embedded import embedded_model_dir
 from sae_gba.loading import load_sae
+from tests.helpers import (
+    FAST_ABSORPTION,
+    cli_error,
+    runner_dict,
+    save_word_tokenizer,
+    tiny_model,
+    tiny_speller,
+    token_dataset,
+)
 
 HOOK = "blocks.0.hook_resid_post"
-# Absorption stages cut down for speed: k up to 2, 5 probe epochs, lowered gates.
-FAST_ABSORPTION = {
-    "max_k_value": 2,
-    "k_sparse_probe_num_epochs": 5,
-    "min_GT_probe_f1": -1.0,
-    "min_feats_for_eval": 1,
-}
 
 
 def _meta(**overrides) -> SAEMetadata:
@@ -278,8 +273,8 @@ def test_cli_eval__reads_the_model_folder_and_the_held_out_articles(
     assert "## Core (512 held-out tokens)" in summary and "frac_alive" in summary
     assert "Absorption" not in summary
     assert summary in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([*argv, "--preset", "gemma-7b"])
+    line = cli_error(capsys, [*argv, "--overwrite", "--preset", "gemma-7b"])
+    assert line == "preset must be one of ['embedded', 'gemma-2-2b'], got 'gemma-7b'"
 
 
 def test_evaluate__bad_requests_are_named(sae_folders, tmp_path):

@@ -33,7 +33,7 @@ from sae_gba.weighted_sae import (
     weighted_config,
     weighted_config_class,
 )
-from tests.conftest import runner_dict, tiny_model, token_dataset
+from tests.helpers import runner_dict, tiny_model, token_dataset
 
 BASES = list(WEIGHTED_CLASSES)
 # The base-specific fields that make each architecture sensible at d_sae = 16..96.

@@ -50,6 +50,25 @@ def tiny_speller() -> HookedTransformer:
     return model.to(torch.bfloat16)
 
 
+def spelling_model() -> HookedTransformer:
+    """``tiny_speller`` made to spell: its residual stream is its token embedding,
+    which holds the one-hot first letter of the token's text (attention, MLPs and
+    positions write nothing). SAEBench's ground-truth probes pass their gate on it."""
+    model = tiny_speller().float()
+    tokens = model.tokenizer.convert_ids_to_tokens(list(range(model.cfg.d_vocab)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("W_O", "W_out", "b_O", "b_out", "W_pos")):
+                param.zero_()
+        embed = 0.1 * torch.randn(model.cfg.d_vocab, model.cfg.d_model)
+        for token_id, token in enumerate(tokens):
+            text = (token or "").lstrip("\u2581 ").lower()
+            if text[:1].isascii() and text[:1].isalpha():
+                embed[token_id, ord(text[0]) - ord("a")] += 3.0
+        model.W_E.copy_(embed)
+    return model.to(torch.bfloat16)
+
+
 def token_dataset(n_rows: int = 400, context: int = 16, vocab: int = 64) -> Dataset:
     tokens = torch.randint(
         1, vocab, (n_rows, context), generator=torch.Generator().manual_seed(1)

@@ -37,6 +37,7 @@ from tests.helpers import (
     cli_error,
     runner_dict,
     save_word_tokenizer,
+    spelling_model,
     tiny_model,
     tiny_speller,
     token_dataset,
@@ -282,6 +283,32 @@ def test_absorption__stages_write_saebench_json(tmp_path):
     again = run_absorption(sae, model, tmp_path, **options, **FAST_ABSORPTION)
     assert again["tokens"]["ground_truth_probe_cached"]
     assert again["metrics"] == result["metrics"]
+
+
+def test_absorption__with_saebenchs_probe_gate_on_a_model_that_spells(tmp_path):
+    model = spelling_model()
+    meta = _meta(hook_name="blocks.1.hook_resid_post", context_size=128)
+    sae = prepare_sae(
+        StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=meta)),
+        "cpu",
+        "bfloat16",
+    )
+    settings = EvalSettings(absorption_words=260, seed=0)
+    # SAEBench's gate as it ships: min_GT_probe_f1 0.6, min_feats_for_eval default.
+    fast = {"max_k_value": 1, "k_sparse_probe_num_epochs": 3}
+    result = run_absorption(
+        sae, model, tmp_path, settings=settings, probes_dir=tmp_path / "p", **fast
+    )
+    info = result["tokens"]
+    assert info["status"] == "evaluated", info["status"]
+    f1 = info["ground_truth_probe_f1"]
+    assert info["letters_passing_probe_gate"] == sum(v > 0.6 for v in f1.values())
+    assert info["letters_passing_probe_gate"] >= 10
+    data = json.loads((tmp_path / "sae_gba_sae_eval_results.json").read_text())
+    letters = {d["first_letter"] for d in data["eval_result_details"]}
+    assert letters and letters <= {k for k, v in f1.items() if v > 0.6}
+    mean = data["eval_result_metrics"]["mean"]
+    assert 0 <= mean["mean_absorption_fraction_score"] <= 1
 
 
 @pytest.fixture(scope="module")

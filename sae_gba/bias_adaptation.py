@@ -10,7 +10,9 @@ from typing import Literal
 
 import torch
 
-StepUnit = Literal["margin", "scale"]
+StepUnit = Literal["margin", "scale", "tail"]
+
+EULER_GAMMA = 0.5772156649015329
 
 BIAS_MIN = -1.0
 BIAS_MAX = 0.0
@@ -112,6 +114,7 @@ def adapt_biases(
     gamma_minus: float,
     dead_threshold: float = 0.0,
     step_unit: StepUnit = "margin",
+    window_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One bias-adaptation step (the paper's rule), returning the new biases.
 
@@ -120,13 +123,17 @@ def adapt_biases(
       with ``s_k`` the mean of the positive peaks in the neuron's group;
     - otherwise unchanged.
 
-    ``r_m`` is the neuron's peak: with ``step_unit="margin"`` (the paper) the peak of
-    ``y = u + b``, its margin over the gate, which shrinks as the bias nears minus
-    the largest projection, so each step closes only ``gamma_minus`` of the
+    ``r_m`` is the neuron's step: with ``step_unit="margin"`` (the paper) its peak
+    of ``y = u + b``, its margin over the gate, which shrinks as the bias nears
+    minus the largest projection, so each step closes only ``gamma_minus`` of the
     remaining gap and a low target takes hundreds of adaptations to reach; with
     ``"scale"`` the peak of the unbiased projection ``u = y - b``, the neuron's own
-    scale, so the bias moves by a fixed fraction of it per adaptation until the
-    target is met.
+    scale, so the bias moves by a fixed fraction of it per adaptation; with
+    ``"tail"`` the bias gap to the target under an exponential tail,
+    ``ln(p_m / p_k)`` tail scales, a tail scale being the margin peak over
+    ``H(c_m)``, the expected maximum excess of ``c_m = p_m * window_tokens``
+    firings in units of the scale (``ln c + 0.5772 + 1 / (2c)``). Dead neurons
+    are raised by the group mean of the margin peaks for "tail" as for "margin".
 
     A group with no positive peak falls back to the mean positive peak of all
     neurons, and to 1 (the input scale) when nothing fired at all, so a fully dead
@@ -142,7 +149,8 @@ def adapt_biases(
         gamma_plus: step size for raising dead neurons.
         gamma_minus: step size for lowering over-active neurons.
         dead_threshold: frequencies at or below this count as dead.
-        step_unit: what ``r_m`` measures, "margin" or "scale" (see above).
+        step_unit: what ``r_m`` measures, "margin", "scale" or "tail" (see above).
+        window_tokens: (d_sae,) tokens in each neuron's window; needed by "tail".
 
     Returns:
         (d_sae,) new biases, clamped to ``[BIAS_MIN, BIAS_MAX]`` by the steps.
@@ -163,7 +171,16 @@ def adapt_biases(
     targets = neuron_targets.to(firing_frequency)
     over_active = firing_frequency > targets
     dead = firing_frequency <= dead_threshold
-    lowered = torch.clamp(bias - gamma_minus * peaks, min=BIAS_MIN)
+    steps = peaks
+    if step_unit == "tail":
+        # The window's count sets how many tail scales its peak spans.
+        if window_tokens is None:
+            raise ValueError('step_unit="tail" needs window_tokens')
+        count = (firing_frequency * window_tokens).clamp(min=1)
+        harmonic = count.log() + EULER_GAMMA + 0.5 / count
+        gap = (firing_frequency / targets).clamp(min=1).log()
+        steps = (peaks.to(gap) / harmonic * gap).to(peaks)
+    lowered = torch.clamp(bias - gamma_minus * steps, min=BIAS_MIN)
     raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
     return torch.where(over_active, lowered, torch.where(dead, raised, bias))
 

@@ -60,6 +60,7 @@ from sae_gba.bias_adaptation import (
     target_frequencies,
 )
 from sae_gba.buffers import keep_float32, restore_state_dtypes
+from sae_gba.collectives import gather_rows, synchronized_window
 from sae_gba.config_fields import check_field
 from sae_gba.fast_step import fast_step_enabled, fused_forward
 from sae_gba.metrics import logged_lazily, summarize_window
@@ -163,13 +164,21 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
             0 judges every neuron at every check (the paper's fixed windows).
         gamma_plus: step size for raising the bias of dead neurons, in units of
             their group's mean positive peak pre-activation.
-        gamma_minus: step size for lowering the bias of over-active neurons, in
-            units of their own peak pre-activation.
-        bias_step_unit: the unit of an over-active neuron's bias step: "margin",
-            the paper's peak of ``y`` (its margin over the gate, which vanishes as
-            the target nears, so low targets are approached geometrically, 1% of
-            the gap per adaptation), or "scale", the peak of the unbiased
-            projection (a fixed fraction of the neuron's own range per step).
+        gamma_minus: step size for lowering the bias of over-active neurons: with
+            ``bias_step_unit`` "margin" or "scale", in units of the neuron's peak;
+            with "tail", the fraction of its estimated bias gap closed per step.
+        bias_step_unit: how far an over-active neuron's bias moves: "margin", the
+            paper's ``gamma_minus`` times the peak of ``y`` (its margin over the
+            gate, which vanishes as the target nears, so low targets are approached
+            geometrically, 1% of the gap per adaptation); "scale", times the peak of
+            the unbiased projection (a fixed fraction of the neuron's own range);
+            "tail" (the default), ``gamma_minus`` times the bias gap to the target
+            estimated from the window, ``ln(p / target)`` tail scales with the tail
+            scale the margin peak over ``H(firings)`` (an exponential tail's
+            expected maximum excess). Windows of a low target close rarely, and a
+            fixed step leaves groups below 1e-3 at several times their target on a
+            run of a few hundred thousand tokens; the tail step reaches them in a
+            few windows (docs/recovery/README.md).
         dead_threshold: a neuron whose window firing frequency is at or below this
             is dead (0: did not fire in the window).
         train_pre_bias: train ``b_pre`` with Adam. Off by default: ``b_pre`` stays at
@@ -201,9 +210,9 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     adaptation_interval: int = 50
     min_window_firings: int = 20
     gamma_plus: float = 0.01
-    gamma_minus: float = 0.01
+    gamma_minus: float = 0.5
     dead_threshold: float = 0.0
-    bias_step_unit: StepUnit = "scale"
+    bias_step_unit: StepUnit = "tail"
     train_pre_bias: bool = False
     train_output_scale: bool = True
     gate_bias_init: GateBiasInit = "zero"
@@ -696,7 +705,8 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
 
     @torch.no_grad()
     def _initialize_from_batch(self, sae_in: torch.Tensor) -> None:
-        x = self._process_in(sae_in).reshape(-1, self.cfg.d_in).float()
+        # Data-parallel: from the global batch, the same on every rank.
+        x = gather_rows(self._process_in(sae_in).reshape(-1, self.cfg.d_in).float())
         mean = x.mean(dim=0)
         scale = (x - mean).pow(2).sum(dim=-1).mean().sqrt()
         size = x.pow(2).sum(dim=-1).mean().sqrt()
@@ -740,6 +750,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         return targets[groups]
 
     @torch.no_grad()
+    @synchronized_window  # data-parallel: every rank judges the global window
     def adapt_biases(self) -> None:
         """Adapt every neuron whose window is closed, and start new windows for them."""
         group_targets, groups = self._groups()
@@ -762,6 +773,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             self.cfg.gamma_minus,
             self.cfg.dead_threshold,
             self.cfg.bias_step_unit,
+            self.window_tokens,
         )
         self.gate_bias.copy_(torch.where(closed, adapted, self.gate_bias))
         self.last_window_fire_counts.copy_(

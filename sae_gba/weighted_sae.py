@@ -63,6 +63,7 @@ from safetensors.torch import save_file
 from typing_extensions import override
 
 from sae_gba.buffers import keep_float32, restore_state_dtypes
+from sae_gba.collectives import gather_rows
 from sae_gba.config_fields import check_field
 from sae_gba.gba_sae import (
     MIN_RELATIVE_SPREAD,
@@ -330,7 +331,8 @@ class WeightedTrainingMixin(_TrainingBase):
 
     @torch.no_grad()
     def _accumulate_variance(self, target: torch.Tensor) -> None:
-        x = target.detach().reshape(-1, self.cfg.d_in).float()
+        # Data-parallel: the global batch's statistics, the same on every rank.
+        x = gather_rows(target.detach().reshape(-1, self.cfg.d_in).float())
         # Chan et al.'s pairwise merge of (count, mean, M2): no cancellation when the
         # mean is large compared with the spread, as in residual streams.
         count_b = x.shape[0]

@@ -207,3 +207,43 @@ def test_high_target_for_l0__inverts_expected_l0_with_groups_and_low():
         ValueError, match=r"out of reach .* must lie in \(0\.03.*, 1\.11\]"
     ):
         high_target_for_l0(1.2, 6, 3, 0.005, 0.5)
+
+
+def test_adapt_biases__tail_step_closes_the_log_frequency_gap_by_hand():
+    # Neuron 0 fired 60 times in 1,000 tokens against a target of 0.01: gap ln 6.
+    # Its margin peak 0.4 spans about H(60) = ln 60 + Euler's gamma + 1 / 120 tail
+    # scales, so one tail scale is 0.4 / 4.6799 and the full step 0.4 * ln 6 / 4.6799
+    # = 0.153145; gamma_minus = 0.5 takes half of it. Neuron 1 (under target) keeps
+    # its bias; neuron 2 (dead) is raised by 0.1 x the mean positive margin peak
+    # (0.4 + 0.1) / 2.
+    new = adapt_biases(
+        torch.tensor([-0.3, -0.2, -0.6]),
+        torch.tensor([0.06, 0.005, 0.0], dtype=torch.float64),
+        torch.tensor([0.4, 0.1, -0.2]),
+        torch.tensor([0.01, 0.01, 0.01], dtype=torch.float64),
+        torch.tensor([0, 0, 0]),
+        1,
+        gamma_plus=0.1,
+        gamma_minus=0.5,
+        step_unit="tail",
+        window_tokens=torch.tensor([1000, 1000, 1000]),
+    )
+    assert new.tolist() == pytest.approx(
+        [-0.3 - 0.0765726, -0.2, -0.6 + 0.025], abs=1e-6
+    )
+
+
+def test_adapt_biases__tail_step_needs_window_tokens():
+    one = torch.tensor([0.1])
+    with pytest.raises(ValueError, match="window_tokens"):
+        adapt_biases(
+            one,
+            one.double(),
+            one,
+            one.double(),
+            torch.tensor([0]),
+            1,
+            gamma_plus=0.1,
+            gamma_minus=0.5,
+            step_unit="tail",
+        )

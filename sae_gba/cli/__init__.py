@@ -113,7 +113,8 @@ COMMANDS: dict[str, Command] = {
         check_compare,
     ),
     "bench": Command(
-        "training throughput of GBA against SAELens's SAEs (JSON + PNG)",
+        "training throughput of GBA against SAELens's SAEs, and data-parallel "
+        "scaling (JSON + PNG)",
         BenchOptions,
         check_bench,
     ),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from sae_gba.cli import checks
@@ -18,7 +19,7 @@ SynthExperiment = Literal[
     "suite",
     "scaling",
 ]
-Benchmark = Literal["throughput"]
+Benchmark = Literal["throughput", "scaling"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -101,25 +102,33 @@ def _check_synth_suite(opts: SynthOptions) -> Job:
 
 @dataclasses.dataclass(kw_only=True)
 class BenchOptions(QuietOption):
-    """``sae-gba bench``: training throughput of GBA against SAELens's SAEs.
+    """``sae-gba bench``: training throughput of GBA against SAELens's SAEs (throughput)
+    and of data-parallel training on 1 and 2 ranks (scaling).
 
     Args:
         benchmark: the benchmark to run.
         out: JSON path (the PNG goes beside it).
         threads: torch threads (default: all cores).
-        no_harvest: skip the embedded model's activation-harvest measurement.
+        no_harvest: throughput: skip the embedded model's activation-harvest
+            measurement.
+        size: scaling: default or tiny (a check only).
+        device: scaling: cpu (gloo, 1 and 2 ranks) or cuda.
     """
 
     benchmark: Benchmark = positional("BENCHMARK")
     out: str
     threads: int | None = None
     no_harvest: bool = False
+    size: str = "default"
+    device: str = "cpu"
 
 
 def check_bench(opts: BenchOptions, command_line: str) -> Job:
     """Check ``sae-gba bench``'s request; return its job."""
     checks.positive("--threads", opts.threads)
     out = checks.output_file("--out", opts.out)
+    if opts.benchmark == "scaling":
+        return _check_bench_scaling(opts, out)
 
     def run() -> None:
         from evals.throughput import run_throughput
@@ -131,5 +140,26 @@ def check_bench(opts: BenchOptions, command_line: str) -> Job:
             )
         print(json.dumps(result["acceptance"], indent=1))
         print(f"wrote {out} and its PNG")
+
+    return run, None
+
+
+def _check_bench_scaling(opts: BenchOptions, out: Path) -> Job:
+    from evals.bench_scaling import SHAPES
+
+    if opts.size not in SHAPES:
+        raise UsageError(
+            f"--size {opts.size!r} is invalid: must be one of {list(SHAPES)}"
+        )
+    checks.torch_device(opts.device)
+
+    def run() -> None:
+        from evals.bench_scaling import run_scaling
+
+        ranks = (1,) if opts.device.startswith("cuda") else (1, 2)
+        result = run_scaling(out, opts.size, opts.device, opts.threads, ranks)
+        print(json.dumps(result["summary"], indent=1))
+        print(f"sparsify: {result['sparsify']}")
+        print(f"wrote {out}")
 
     return run, None

@@ -9,7 +9,7 @@ from typing import Any
 from sae_gba.cli import checks
 from sae_gba.cli.options import CheckpointOptions, Job, UsageError, repeated
 from sae_gba.demo import DemoConfig
-from sae_gba.presets import EMBEDDED, PRESETS
+from sae_gba.presets import BUFFER_FIELDS, EMBEDDED, PRESETS, preset_for_run
 
 # The train command's settings, saved in OUT so that `--resume OUT` needs nothing else.
 TRAIN_ARGS_FILE = "train_args.json"
@@ -27,8 +27,6 @@ TRAIN_FIELDS = (
     "n_batches_in_buffer",
 )
 TRAIN_DEFAULTS = {"device": "cpu", "architecture": "gba"}
-# Train settings that replace the preset's own.
-PRESET_FIELDS = ("store_batch_size_prompts", "n_batches_in_buffer")
 # Architecture fields the train command sets itself (--d-sae, --device, the model).
 SET_BY_TRAIN = ("d_in", "d_sae", "device", "dtype", "metadata")
 
@@ -58,6 +56,8 @@ class TrainOptions(CheckpointOptions):
             the preset's).
         n_batches_in_buffer: forward passes whose activations are mixed in the
             shuffling buffer; less uses less memory (default: the preset's).
+        nproc: data-parallel ranks on this machine (torchrun; activations are
+            harvested once into OUT/activations first).
     """
 
     preset: str | None = None
@@ -73,6 +73,7 @@ class TrainOptions(CheckpointOptions):
     sae: list[str] = repeated("KEY=VALUE")
     store_batch_size_prompts: int | None = None
     n_batches_in_buffer: int | None = None
+    nproc: int | None = None
 
 
 @dataclasses.dataclass
@@ -150,10 +151,9 @@ def check_train(opts: TrainOptions, command_line: str) -> Job:
     resume = opts.resume is not None
     out_path = opts.resume if resume else opts.out
     assert out_path is not None  # _train_settings requires one of them
-    buffer = {k: settings[k] for k in PRESET_FIELDS if settings[k] is not None}
-    for name, value in buffer.items():
-        checks.positive(f"--{name.replace('_', '-')}", value)
-    preset = dataclasses.replace(PRESETS[settings["preset"]], **buffer)
+    for name in BUFFER_FIELDS:
+        checks.positive(f"--{name.replace('_', '-')}", settings[name])
+    preset = preset_for_run(settings)
     checks.model_folder(settings["preset"], settings["model_path"])
     checks.existing_folder("--dataset-path", settings["dataset_path"])
     checks.positive("--d-sae", settings["d_sae"])
@@ -162,6 +162,7 @@ def check_train(opts: TrainOptions, command_line: str) -> Job:
     )
     checks.positive("--layer", settings["layer"], 0)
     checks.positive("--checkpoint-every", opts.checkpoint_every)
+    checks.positive("--nproc", opts.nproc)
     hint = f"pass --resume {out_path} to continue that run or --overwrite to start over"
     out = checks.output_folder(out_path, resume, opts.overwrite, hint)
     if resume and (out / "sae").is_dir() and not (out / "checkpoints").is_dir():
@@ -192,6 +193,14 @@ def check_train(opts: TrainOptions, command_line: str) -> Job:
         write_text_atomically(out / TRAIN_ARGS_FILE, json.dumps(settings, indent=1))
 
     def run() -> None:
+        if opts.nproc is not None:
+            from sae_gba.distributed import train_preset_parallel
+
+            train_preset_parallel(
+                out, out / TRAIN_ARGS_FILE, opts.nproc, resume, opts.checkpoint_every
+            )
+            print(f"wrote the SAE to {out}/sae")
+            return
         from sae_gba.presets import train_preset
 
         train_preset(
@@ -219,7 +228,7 @@ def check_demo(opts: DemoOptions, command_line: str) -> Job:
         "d_sae",
         "adaptation_interval",
         "eval_windows",
-        *PRESET_FIELDS,
+        *BUFFER_FIELDS,
     ):
         checks.positive(f"--{name.replace('_', '-')}", getattr(cfg, name))
     checks.positive("--training-tokens", cfg.training_tokens, EMBEDDED.batch_tokens)

@@ -4,7 +4,8 @@ Importing the package makes its architectures (``"gba"``, ``"weighted_<base>"``)
 known to SAELens: at once when SAELens is already imported, otherwise as soon as
 SAELens and the module that imported it have finished loading. The package itself
 imports nothing heavy, so the ``sae-gba`` command starts in a fraction of a second;
-its classes load on first use (``sae_gba.GBATrainingSAE``).
+its public classes and functions load on first use (``sae_gba.GBATrainingSAE``,
+``sae_gba.WeightedTopKTrainingSAEConfig``, ``sae_gba.load_sae``).
 """
 
 import importlib
@@ -13,11 +14,26 @@ import importlib.util
 import sys
 from typing import Any
 
+_GBA = "sae_gba.gba_sae"
+_WEIGHTED = "sae_gba.weighted_sae"
+# Public name -> the module that defines it (imported on first use).
 _EXPORTS = {
-    "GBASAE": "sae_gba.gba_sae",
-    "GBASAEConfig": "sae_gba.gba_sae",
-    "GBATrainingSAE": "sae_gba.gba_sae",
-    "GBATrainingSAEConfig": "sae_gba.gba_sae",
+    "GBASAE": _GBA,
+    "GBASAEConfig": _GBA,
+    "GBATrainingSAE": _GBA,
+    "GBATrainingSAEConfig": _GBA,
+    "WeightedBatchTopKTrainingSAE": _WEIGHTED,
+    "WeightedBatchTopKTrainingSAEConfig": _WEIGHTED,
+    "WeightedGBATrainingSAE": _WEIGHTED,
+    "WeightedGBATrainingSAEConfig": _WEIGHTED,
+    "WeightedJumpReLUTrainingSAE": _WEIGHTED,
+    "WeightedJumpReLUTrainingSAEConfig": _WEIGHTED,
+    "WeightedStandardTrainingSAE": _WEIGHTED,
+    "WeightedStandardTrainingSAEConfig": _WEIGHTED,
+    "WeightedTopKTrainingSAE": _WEIGHTED,
+    "WeightedTopKTrainingSAEConfig": _WEIGHTED,
+    "weighted_config": _WEIGHTED,
+    "load_sae": "sae_gba.loading",
     "register_architectures": "sae_gba.registry",
 }
 

@@ -327,17 +327,16 @@ def train_preset_rank(
     Args:
         out: the run folder (``activations``, ``checkpoints``, ``sae``).
         settings: the train command's settings (preset, d_sae, training_tokens,
-            layer, device, architecture, k).
+            layer, device, architecture, sae: the architecture's fields).
         resume: continue from the newest checkpoint.
         checkpoint_interval_s: seconds between checkpoints.
     """
     from sae_lens.saes.sae import TrainingSAEConfig
 
     from sae_gba.activation_cache import CachedActivations
-    from sae_gba.presets import PRESETS, gba_runner_config
+    from sae_gba.presets import gba_runner_config, preset_for_run
 
-    preset = PRESETS[settings["preset"]]
-    k = settings.get("k")
+    preset = preset_for_run(settings)
     cfg = gba_runner_config(
         preset,
         output_path=str(out / "sae"),
@@ -346,7 +345,7 @@ def train_preset_rank(
         layer=settings["layer"],
         device=settings["device"],
         architecture=settings["architecture"],
-        **({} if k is None else {"k": k}),
+        **settings["sae"],
     )
     init_process_group(settings["device"])
     try:
@@ -431,7 +430,7 @@ def train_preset_parallel(
     import json
 
     from sae_gba.activation_cache import fill_preset_cache
-    from sae_gba.presets import PRESETS
+    from sae_gba.presets import preset_for_run
 
     settings = json.loads(Path(settings_file).read_text())
     if settings["device"].startswith("cuda") and nproc > torch.cuda.device_count():
@@ -441,7 +440,7 @@ def train_preset_parallel(
         )
     if not (out / "activations").is_dir():
         fill_preset_cache(
-            PRESETS[settings["preset"]],
+            preset_for_run(settings),
             out / "activations",
             model_path=settings["model_path"],
             dataset_path=settings["dataset_path"],

@@ -31,7 +31,8 @@ activation hook or autocast selects plain autograd on the formula instead.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_args
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
@@ -58,8 +59,9 @@ from sae_gba.bias_adaptation import (
     quantile_biases,
     target_frequencies,
 )
-from sae_gba.buffers import keep_float32
+from sae_gba.buffers import keep_float32, restore_state_dtypes
 from sae_gba.collectives import gather_rows, synchronized_window
+from sae_gba.config_fields import check_field
 from sae_gba.fast_step import fast_step_enabled, fused_forward
 from sae_gba.metrics import logged_lazily, summarize_window
 
@@ -116,7 +118,9 @@ COUNTER_STATE = (
     "last_window_fire_counts",
     "last_window_tokens",
 )
-GATE_BIAS_INITS = ("zero", "target_quantile")
+# How the gate biases start (``GBATrainingSAEConfig.gate_bias_init``).
+GateBiasInit = Literal["zero", "target_quantile"]
+GATE_BIAS_INITS: tuple[str, ...] = get_args(GateBiasInit)
 # The first batch's centred spread must exceed this fraction of its RMS norm.
 MIN_RELATIVE_SPREAD = 1e-3
 
@@ -211,7 +215,7 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
     bias_step_unit: StepUnit = "tail"
     train_pre_bias: bool = False
     train_output_scale: bool = True
-    gate_bias_init: str = "zero"
+    gate_bias_init: GateBiasInit = "zero"
 
     @override
     @classmethod
@@ -274,12 +278,7 @@ def _resolve_high_target_freq(cfg: GBATrainingSAEConfig) -> None:
 
 
 def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
-    def require(name: str, ok: bool, allowed: str) -> None:
-        if not ok:
-            raise ValueError(
-                f"GBATrainingSAEConfig.{name}={getattr(cfg, name)!r} is invalid: "
-                f"{allowed}"
-            )
+    require = partial(check_field, cfg)
 
     require("d_in", cfg.d_in >= 1, "must be >= 1")
     require("d_sae", cfg.d_sae >= 1, "must be >= 1")
@@ -332,7 +331,14 @@ def _validate_gba_config(cfg: GBATrainingSAEConfig) -> None:
     )
 
 
-class _GBAForward:
+# Type checkers see the mixin as the SAE it extends; at run time it is a plain mixin.
+if TYPE_CHECKING:
+    _SAEBase: TypeAlias = SAE[Any]
+else:
+    _SAEBase = object
+
+
+class _GBAForward(_SAEBase):
     """The tied GBA forward shared by the inference and training classes."""
 
     cfg: SAEConfig
@@ -345,8 +351,8 @@ class _GBAForward:
 
     def _init_gba_weights(self, output_scale_init: float) -> None:
         d_sae, d_in = self.cfg.d_sae, self.cfg.d_in
-        dtype = self.dtype  # type: ignore[attr-defined]
-        device = self.device  # type: ignore[attr-defined]
+        dtype = self.dtype
+        device = self.device
         directions = torch.randn(d_sae, d_in, dtype=dtype, device=device)
         self.directions = nn.Parameter(
             directions / directions.norm(dim=1, keepdim=True)
@@ -357,15 +363,15 @@ class _GBAForward:
         self.pre_bias = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
         # Controller state stays float32 whatever the SAE dtype: 1% bias steps round
         # away in bfloat16.
-        self.register_buffer(  # type: ignore[attr-defined]
+        self.register_buffer(
             "gate_bias", torch.zeros(d_sae, dtype=torch.float32, device=device)
         )
         # 0 until the first training batch fixes it.
-        self.register_buffer(  # type: ignore[attr-defined]
+        self.register_buffer(
             "input_scale", torch.zeros((), dtype=torch.float32, device=device)
         )
         # 1 until a fold sets it (see the module docstring).
-        self.register_buffer(  # type: ignore[attr-defined]
+        self.register_buffer(
             "encoder_scale", torch.ones(d_sae, dtype=dtype, device=device)
         )
 
@@ -399,11 +405,9 @@ class _GBAForward:
     def _encode_processed(
         self, sae_in: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_pre = self.hook_sae_acts_pre(  # type: ignore[attr-defined]
-            (sae_in - self.b_dec) @ self.W_enc
-        )
+        hidden_pre = self.hook_sae_acts_pre((sae_in - self.b_dec) @ self.W_enc)
         gate = hidden_pre > self.threshold.to(hidden_pre)
-        return self.hook_sae_acts_post(hidden_pre * gate), hidden_pre  # type: ignore[attr-defined]
+        return self.hook_sae_acts_post(hidden_pre * gate), hidden_pre
 
     def _process_in(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.cfg.d_in:
@@ -411,9 +415,9 @@ class _GBAForward:
                 f"SAE input has last dimension {x.shape[-1]}, expected d_in={self.cfg.d_in}"
                 f" (input shape {tuple(x.shape)})"
             )
-        sae_in = self.reshape_fn_in(x.to(self.dtype))  # type: ignore[attr-defined]
-        sae_in = self.hook_sae_input(sae_in)  # type: ignore[attr-defined]
-        return self.run_time_activation_norm_fn_in(sae_in)  # type: ignore[attr-defined]
+        sae_in = self.reshape_fn_in(x.to(self.dtype))
+        sae_in = self.hook_sae_input(sae_in)
+        return self.run_time_activation_norm_fn_in(sae_in)
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
@@ -423,7 +427,7 @@ class _GBAForward:
         the old norms (SAELens's JumpReLU fold), so feature activations scale by them
         and outputs stay the same.
         """
-        norms = self.get_W_dec_norm()  # type: ignore[attr-defined]
+        norms = self.get_W_dec_norm()
         self.output_scale.data /= norms
         self.encoder_scale *= norms
 
@@ -451,7 +455,7 @@ class _GBAForward:
             "last_window_fire_counts": ("window_fire_counts", torch.zeros_like),
             "last_window_tokens": ("window_fire_counts", torch.zeros_like),
         }
-        own = self._buffers  # type: ignore[attr-defined]
+        own = self._buffers
         for name, (like, fill) in defaults.items():
             if name in own and name not in state_dict and like in state_dict:
                 state_dict[name] = fill(state_dict[like])
@@ -583,7 +587,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         processed_out = self.hook_sae_recons(processed_out)
         scale = self.input_scale.to(processed_out)
         # Per-dimension squared errors through SAELens's mse_loss_fn hook, so a
-        # weighted subclass (sae_gba.weighted) can weight them.
+        # weighted subclass (sae_gba.weighted_sae) can weight them.
         squared_error = self.mse_loss_fn(processed_out, processed_in)
         mse_loss = 0.5 * (squared_error / scale.square()).sum(dim=-1).mean()
         sae_out = self.reshape_fn_out(
@@ -798,17 +802,11 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         self._add_missing_state(state_dict)
-        # SAELens's disk loader casts every tensor to cfg.dtype; counters are integers.
-        for name in COUNTER_STATE:
-            if name in state_dict:
-                state_dict[name] = state_dict[name].round().to(torch.int64)
+        restore_state_dtypes(state_dict, FLOAT32_STATE, COUNTER_STATE)
         # Checkpoints from before per-neuron windows hold one shared token count.
         tokens = state_dict.get("window_tokens")
         if tokens is not None and tokens.ndim == 0:
             state_dict["window_tokens"] = tokens.expand(self.cfg.d_sae).clone()
-        for name in FLOAT32_STATE:
-            if name in state_dict:
-                state_dict[name] = state_dict[name].float()
 
     def to_jumprelu(self) -> SAE[Any]:
         """The exported inference SAE (SAELens ``JumpReLUSAE``) with the same outputs."""

@@ -22,7 +22,7 @@ from sae_gba.registry import INFERENCE_CLASSES, register_architectures
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
-# Written beside a weighted SAE (sae_gba.weighted; not imported here, it is heavy).
+# Written beside a weighted SAE (sae_gba.weighted_sae; not imported here, it is heavy).
 INPUT_WEIGHTS_FILENAME = "input_weights.safetensors"
 INPUT_WEIGHTS_TENSOR = "gamma"
 

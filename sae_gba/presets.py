@@ -119,6 +119,19 @@ GEMMA_2_2B = ModelPreset(
 )
 
 PRESETS: dict[str, ModelPreset] = {"embedded": EMBEDDED, "gemma-2-2b": GEMMA_2_2B}
+# Preset fields a run may set for itself (memory): `sae-gba train --n-batches-in-buffer`.
+BUFFER_FIELDS = ("store_batch_size_prompts", "n_batches_in_buffer")
+
+
+def preset_for_run(settings: dict[str, Any]) -> ModelPreset:
+    """The preset ``settings["preset"]`` names, with the run's own buffer fields.
+
+    Args:
+        settings: a train run's settings (``sae-gba train``'s ``train_args.json``);
+            a missing or None buffer field keeps the preset's.
+    """
+    given = {k: settings[k] for k in BUFFER_FIELDS if settings.get(k) is not None}
+    return dataclasses.replace(PRESETS[settings["preset"]], **given)
 
 
 def gba_runner_config(

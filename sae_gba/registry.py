@@ -10,7 +10,7 @@ from sae_lens.registry import (
 )
 
 from sae_gba.gba_sae import GBASAE, GBASAEConfig, GBATrainingSAE, GBATrainingSAEConfig
-from sae_gba.weighted import WEIGHTED_CLASSES
+from sae_gba.weighted_sae import WEIGHTED_CLASSES
 
 INFERENCE_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
     "gba": (GBASAE, GBASAEConfig),

@@ -1,11 +1,10 @@
-"""Shared builders: tiny real TransformerLens models, in-memory token datasets."""
+"""Fixtures shared by the tests (plain builders are in helpers.py)."""
 
 import pytest
 import torch
-from datasets import Dataset
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_gba  # noqa: F401  (registers the architectures)
+from tests.helpers import GEMMA2_VOCAB, save_word_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -13,81 +12,19 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_model(
-    d_model: int = 32, n_ctx: int = 16, tokenizer=None, **cfg_fields
-) -> HookedTransformer:
-    """A random 2-layer model; with a tokenizer, its vocabulary is the tokenizer's."""
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=d_model,
-        n_ctx=n_ctx,
-        d_head=8,
-        n_heads=d_model // 8,
-        d_vocab=64 if tokenizer is None else len(tokenizer),
-        act_fn="relu",
-        d_mlp=2 * d_model,
-        **cfg_fields,
-    )
-    return HookedTransformer(cfg, tokenizer=tokenizer)
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    """(folder, HF model) of a random 2-layer Gemma-2 with Gemma-2-2B's width."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
-
-def tiny_speller() -> HookedTransformer:
-    """A tiny random bfloat16 model with the embedded Gemma-3 tokenizer (BOS on).
-
-    Absorption needs a real tokenizer (letter-only vocabulary words); the tokenizer
-    is passed in so that TransformerLens does not reload it (seconds).
-    """
-    from transformers import AutoTokenizer
-
-    from sae_gba.embedded import embedded_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(), add_bos_token=True)
     torch.manual_seed(0)
-    model = tiny_model(n_ctx=128, tokenizer=tokenizer, model_name="tiny-speller")
-    return model.to(torch.bfloat16)
-
-
-def token_dataset(n_rows: int = 400, context: int = 16, vocab: int = 64) -> Dataset:
-    tokens = torch.randint(
-        1, vocab, (n_rows, context), generator=torch.Generator().manual_seed(1)
+    config = Gemma2Config(
+        num_hidden_layers=2, vocab_size=GEMMA2_VOCAB, intermediate_size=512
     )
-    return Dataset.from_dict({"tokens": tokens.tolist()})
-
-
-def runner_dict(sae: dict, output_path: str, **overrides) -> dict:
-    """A LanguageModelSAERunnerConfig dict for the tiny model, wandb off."""
-    return {
-        "sae": sae,
-        "logger": {"log_to_wandb": False},
-        "model_name": "tiny-random",
-        "hook_name": "blocks.0.hook_resid_post",
-        "dataset_path": "in-memory",
-        "context_size": 16,
-        "training_tokens": 64 * 60,
-        "train_batch_size_tokens": 64,
-        "store_batch_size_prompts": 4,
-        "n_batches_in_buffer": 4,
-        "output_path": output_path,
-        "checkpoint_path": None,
-        "verbose": False,
-        **overrides,
-    }
-
-
-def save_word_tokenizer(folder, vocab_size: int) -> None:
-    """A word-level tokenizer (w4, w5, ...) with Gemma-2's special ids 0-3, saved."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma2Config
-    vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-    ).save_pretrained(folder)
+    assert (config.hidden_size, config.num_attention_heads) == (2304, 8)
+    assert (config.num_key_value_heads, config.head_dim) == (4, 256)
+    hf_model = Gemma2ForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("gemma2")
+    hf_model.save_pretrained(folder)
+    save_word_tokenizer(folder, GEMMA2_VOCAB)
+    return folder, hf_model

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tiny_model, token_dataset
 from sae_lens.training.activations_store import ActivationsStore
 
 from sae_gba.activation_cache import (
@@ -10,6 +9,7 @@ from sae_gba.activation_cache import (
     read_cached_tokens,
     write_activation_cache,
 )
+from tests.helpers import tiny_model, token_dataset
 
 HOOK = "blocks.0.hook_resid_post"
 

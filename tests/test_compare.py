@@ -13,14 +13,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_speller
 from datasets import Dataset
 from sae_lens import SAE
-from test_presets import VOCAB, gemma2  # noqa: F401  (gemma2 is a fixture)
-from test_saebench import FAST_ABSORPTION
 from transformer_lens import HookedTransformer
 
-from sae_gba.cli import main
 from sae_gba_evals.compare import (
     COMPARE_PRESETS,
     CompareError,
@@ -31,6 +27,13 @@ from sae_gba_evals.compare import (
     run_compare,
 )
 from sae_gba_evals.saebench import EvalSettings, prepare_sae, run_core
+from tests.helpers import (
+    FAST_ABSORPTION,
+    GEMMA2_VOCAB,
+    cli_error,
+    tiny_model,
+    tiny_speller,
+)
 
 SIZE = CompareSize(
     name="test",
@@ -164,11 +167,11 @@ def test_compare__resumes_without_redoing_work(compared):
 
 
 def test_compare__gemma2_preset_reads_a_model_folder_and_splits_a_dataset(
-    gemma2,  # noqa: F811
+    gemma2,
     tmp_path,
 ):
     g = torch.Generator().manual_seed(4)
-    rows = torch.randint(4, VOCAB, (60, 16), generator=g)
+    rows = torch.randint(4, GEMMA2_VOCAB, (60, 16), generator=g)
     rows[:, 0] = 2  # BOS
     Dataset.from_dict({"tokens": rows.tolist()}).save_to_disk(tmp_path / "data")
     # The Gemma-2-2B preset with 16-token windows, on a random 2-layer Gemma-2 of
@@ -266,9 +269,12 @@ def test_run_compare__bad_requests_are_named(tmp_path, kwargs, message):
 
 
 def test_cli_compare__reports_bad_methods(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["compare", "--out", str(tmp_path), "--methods", "gba,relu"])
-    assert "must be distinct names among" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["compare", "--out", str(tmp_path), "--absorption-words", "3"])
-    assert "absorption_words=3 is invalid" in capsys.readouterr().err
+    line = cli_error(
+        capsys, ["compare", "--out", str(tmp_path), "--methods", "gba,relu"]
+    )
+    assert line.startswith("methods=['gba', 'relu'] is invalid: must be distinct names")
+    assert "'weighted_jumprelu']" in line
+    line = cli_error(
+        capsys, ["compare", "--out", str(tmp_path), "--absorption-words", "3"]
+    )
+    assert line.startswith("absorption_words=3 is invalid: must be >= 26")

@@ -23,7 +23,6 @@ import torch.multiprocessing as mp
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from safetensors.torch import load_file, save_file
 
-from sae_gba.cli import main
 from sae_gba.distributed import RankSlice, train_parallel
 from sae_gba.training import (
     TensorDataProvider,
@@ -31,6 +30,7 @@ from sae_gba.training import (
     make_trainer,
     resume_from_checkpoint,
 )
+from tests.helpers import cli_error
 
 D_IN, D_SAE, BATCH, STEPS = 16, 64, 32, 24
 RANKS = 2
@@ -283,10 +283,7 @@ def test_a_rank_that_dies_stops_the_job_with_the_last_checkpoint_intact(tmp_path
 )
 def test_bad_parallel_options_are_named(tmp_path, capsys, argv, message):
     out = tmp_path / ("run" if argv[0] == "train" else "scaling.json")
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--out", str(out)])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in cli_error(capsys, [*argv, "--out", str(out)])
     assert not out.exists()
 
 

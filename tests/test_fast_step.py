@@ -1,7 +1,5 @@
 """The fused GBA step: values and gradients against autograd on the plain formula."""
 
-import json
-
 import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
@@ -9,7 +7,7 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_gba import fast_step
 from sae_gba.fast_step import FAST_STEP_ENV, fused_forward, plan_runs
 from sae_gba.gba_sae import GBATrainingSAE, GBATrainingSAEConfig
-from sae_gba.weighted import WeightedGBATrainingSAE, WeightedGBATrainingSAEConfig
+from sae_gba.weighted_sae import WeightedGBATrainingSAE, WeightedGBATrainingSAEConfig
 
 D_IN, D_SAE, N_TOKENS = 12, 48, 96
 # (block, max_density): everything dense, everything CSR, and a mix of both.
@@ -234,33 +232,6 @@ def test_fused_step__falls_back_when_an_activation_hook_is_attached():
     sae.training_forward_pass(_step_input(x))
     assert seen == [1]
     assert not sae._fused_step_applies(x)
-
-
-def test_throughput_bench__writes_rows_for_every_arch_and_a_png(tmp_path):
-    from sae_gba_evals.bench.throughput import ARCHS, run_throughput
-
-    shape = (16, 128, 32)  # topk keeps its default k = 100
-    result = run_throughput(
-        tmp_path / "t.json",
-        shapes=(shape,),
-        steps={shape: (2, 2, 3)},
-        harvest=False,
-        threads=1,
-        log=lambda _: None,
-    )
-    assert result["mm_peak_gflops"] > 0
-    assert {row["arch"] for row in result["rows"]} == set(ARCHS)
-    for row in result["rows"]:
-        assert row["tokens_per_s"] > 0 and row["peak_fraction"] > 0
-    assert len(result["rows"]) == len(ARCHS)
-    gba = [row for row in result["rows"] if row["arch"] == "gba"]
-    gba += result["gba_init_rows"]
-    assert [row["gate_state"] for row in gba] == ["settled", "init"]
-    # 3 timed steps hold no adaptation: one is timed apart and its share added.
-    assert all(row["adaptations_timed"] == 0 for row in gba)
-    assert all(row["adaptation_seconds"] > 0 and row["profile"] for row in gba)
-    assert (tmp_path / "t.png").stat().st_size > 0
-    assert json.loads((tmp_path / "t.json").read_text())["rows"] == result["rows"]
 
 
 def test_fused_forward__no_open_gate_gives_b_pre_and_zero_direction_gradients():

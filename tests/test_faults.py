@@ -35,8 +35,8 @@ from sae_gba.training import (
     latest_checkpoint,
     make_trainer,
 )
-from sae_gba.weighted import WeightedTopKTrainingSAE, WeightedTopKTrainingSAEConfig
-from tests.conftest import runner_dict, tiny_model, token_dataset
+from sae_gba.weighted_sae import WeightedTopKTrainingSAE, WeightedTopKTrainingSAEConfig
+from tests.helpers import cli_error, runner_dict, tiny_model, token_dataset
 
 SAE_GBA = str(Path(sys.executable).with_name("sae-gba"))
 TESTS = Path(__file__).parent
@@ -60,13 +60,6 @@ def _one_line_error(stderr: str, command: str) -> str:
     assert lines[0].startswith(f"sae-gba {command}: error: "), stderr
     assert "Traceback" not in stderr
     return lines[0]
-
-
-def _main_error(capsys, argv: list[str], code: int = 2) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == code
-    return _one_line_error(capsys.readouterr().err, argv[0])
 
 
 # ------------------------------------------- the bad commands, as a user runs them
@@ -134,23 +127,21 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     (tmp_path / "old.txt").write_text("x")
-    line = _main_error(
-        capsys, ["train", "--preset", "embedded", "--out", str(tmp_path)]
-    )
+    line = cli_error(capsys, ["train", "--preset", "embedded", "--out", str(tmp_path)])
     assert "already holds files; pass --resume" in line and "--overwrite" in line
-    line = _main_error(capsys, ["compare", "--out", str(tmp_path)])
+    line = cli_error(capsys, ["compare", "--out", str(tmp_path)])
     assert "pass --resume to keep its finished SAEs and evals" in line
-    line = _main_error(capsys, ["demo", "--out", str(tmp_path)])
+    line = cli_error(capsys, ["demo", "--out", str(tmp_path)])
     assert "already holds files" in line
 
 
 def test_resume_of_a_missing_or_finished_run_is_refused(tmp_path, capsys):
-    line = _main_error(capsys, ["train", "--resume", str(tmp_path / "none")])
+    line = cli_error(capsys, ["train", "--resume", str(tmp_path / "none")])
     assert "no sae-gba train run there" in line
     (tmp_path / "sae").mkdir()
     saved = {**dict.fromkeys(TRAIN_FIELDS), "preset": "embedded", "device": "cpu"}
     (tmp_path / "train_args.json").write_text(json.dumps(saved))
-    line = _main_error(capsys, ["train", "--resume", str(tmp_path)])
+    line = cli_error(capsys, ["train", "--resume", str(tmp_path)])
     assert "the run is finished" in line and "--overwrite" in line
 
 
@@ -172,7 +163,7 @@ def test_resume_of_a_missing_or_finished_run_is_refused(tmp_path, capsys):
 )
 def test_bad_train_options_are_named(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    line = _main_error(
+    line = cli_error(
         capsys, ["train", "--preset", "embedded", "--out", str(out), *argv]
     )
     assert message in line
@@ -181,7 +172,7 @@ def test_bad_train_options_are_named(tmp_path, capsys, argv, message):
 
 def test_known_architectures_are_listed(tmp_path, capsys):
     argv = ["train", "--preset", "embedded", "--out", str(tmp_path / "r")]
-    line = _main_error(capsys, [*argv, "--architecture", "gbaa"])
+    line = cli_error(capsys, [*argv, "--architecture", "gbaa"])
     assert "gba, jumprelu" in line and "weighted_gba" in line
 
 
@@ -189,7 +180,7 @@ def test_known_architectures_are_listed(tmp_path, capsys):
 def test_read_only_output_folder(tmp_path, capsys):
     tmp_path.chmod(0o555)
     try:
-        line = _main_error(
+        line = cli_error(
             capsys, ["synth", "imbalanced", "--out", str(tmp_path / "x" / "r.json")]
         )
     finally:
@@ -204,9 +195,7 @@ def test_read_only_output_folder_as_root_too(tmp_path, capsys, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr("tempfile.TemporaryFile", refuse)
-    line = _main_error(
-        capsys, ["synth", "imbalanced", "--out", str(tmp_path / "r.json")]
-    )
+    line = cli_error(capsys, ["synth", "imbalanced", "--out", str(tmp_path / "r.json")])
     assert "cannot be written (Read-only file system); choose another place" in line
 
 
@@ -227,7 +216,7 @@ def _weighted_folder(path: Path) -> Path:
 
 def _publish_error(capsys, folder: Path, tmp_path: Path) -> str:
     argv = ["publish", str(folder), "--repo-id", "user/saes"]
-    return _main_error(capsys, [*argv, "--dry-run", str(tmp_path / "stage")])
+    return cli_error(capsys, [*argv, "--dry-run", str(tmp_path / "stage")])
 
 
 @pytest.mark.parametrize(
@@ -282,7 +271,7 @@ def test_wrong_dtype_weights_are_named(tmp_path, capsys):
     weights = load_file(folder / "sae_weights.safetensors")
     weights["W_enc"] = weights["W_enc"].round().to(torch.int32)
     save_file(weights, folder / "sae_weights.safetensors")
-    line = _main_error(capsys, ["eval", str(folder), "--out", str(tmp_path / "out")])
+    line = cli_error(capsys, ["eval", str(folder), "--out", str(tmp_path / "out")])
     assert (
         "sae_weights.safetensors: W_enc has dtype torch.int32, expected float" in line
     )
@@ -293,7 +282,7 @@ def test_nan_weights_are_named_by_eval(tmp_path, capsys):
     weights = load_file(folder / "sae_weights.safetensors")
     weights["b_enc"][3] = float("inf")
     save_file(weights, folder / "sae_weights.safetensors")
-    line = _main_error(capsys, ["eval", str(folder), "--out", str(tmp_path / "out")])
+    line = cli_error(capsys, ["eval", str(folder), "--out", str(tmp_path / "out")])
     assert "b_enc has 1 NaN/Inf values of 16" in line
 
 
@@ -352,7 +341,7 @@ def test_interrupted_publish_stages_nothing(tmp_path, capsys, monkeypatch, fault
     monkeypatch.setattr("shutil.copy2", copy_then_fail)
     argv = ["publish", str(folder), "--repo-id", "user/saes"]
     argv += ["--dry-run", str(tmp_path / "stage")]
-    line = _main_error(capsys, argv, 130 if fault == "ctrl_c" else 1)
+    line = cli_error(capsys, argv, 130 if fault == "ctrl_c" else 1)
     assert ("interrupted" if fault == "ctrl_c" else "No space left on device") in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wsae"]  # no stage, no tmp
 

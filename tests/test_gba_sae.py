@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 
 import sae_gba
 from sae_gba import GBASAE, GBATrainingSAE, GBATrainingSAEConfig
+from sae_gba.bias_adaptation import adapt_biases, group_index, target_frequencies
 from sae_gba.registry import register_architectures
 from sae_gba.synthetic import SyntheticFeatureModel, uniform_preset
 from sae_gba.training import (
@@ -20,7 +22,7 @@ from sae_gba.training import (
     resume_from_checkpoint,
     save_checkpoint_atomically,
 )
-from tests.conftest import runner_dict, tiny_model, token_dataset
+from tests.helpers import runner_dict, tiny_model, token_dataset
 
 
 def _step_input(x: torch.Tensor, step: int = 0) -> TrainStepInput:
@@ -408,3 +410,70 @@ def test_constant_first_batch_raises_clearly():
     sae = GBATrainingSAE(GBATrainingSAEConfig(d_in=16, d_sae=32))
     with pytest.raises(ValueError, match="input scale"):
         sae.training_forward_pass(_step_input(torch.ones(8, 16)))
+
+
+def test_input_scale__the_first_batchs_centred_rms_norm_by_hand():
+    # Rows (1,0), (3,0), (1,2), (3,2): mean (2,1), every centred row has |.|^2 = 2,
+    # so c = sqrt(2) and b_pre = (2,1) in raw units, (2,1) / c in units of c.
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0], [3.0, 2.0]])
+    for factor in (1.0, 10.0):
+        cfg = GBATrainingSAEConfig(d_in=2, d_sae=4, n_groups=1, high_target_freq=0.5)
+        sae = GBATrainingSAE(cfg)
+        sae.training_forward_pass(_step_input(x * factor))
+        assert sae.input_scale.item() == pytest.approx(factor * 2**0.5, rel=1e-6)
+        torch.testing.assert_close(sae.b_dec, torch.tensor([2.0, 1.0]) * factor)
+        torch.testing.assert_close(sae.pre_bias.data, torch.tensor([2.0, 1.0]) / 2**0.5)
+
+
+@pytest.mark.parametrize("fast_step", ["1", "0"])
+@pytest.mark.parametrize("unit", ["margin", "scale"])
+def test_adaptation__equals_the_pure_rule_on_the_same_window(
+    fast_step, unit, monkeypatch
+):
+    """The SAE's own adaptation is ``bias_adaptation.adapt_biases`` applied to the
+    window it saw: counts and peaks of ``y = w.(x - b_pre)/c + b`` over its batches."""
+    monkeypatch.setenv("SAE_GBA_FAST_STEP", fast_step)
+    cfg = GBATrainingSAEConfig(
+        d_in=16,
+        d_sae=32,
+        n_groups=2,
+        high_target_freq=0.3,
+        low_target_freq=0.05,
+        adaptation_interval=2,
+        min_window_firings=0,  # every window closes at the check
+        gamma_plus=0.03,
+        gamma_minus=0.07,
+        bias_step_unit=unit,
+    )
+    sae = GBATrainingSAE(cfg)
+    batches = _synthetic(3 * 64).split(64)
+    sae.training_forward_pass(_step_input(batches[0], 0))  # sets c and b_pre
+    with torch.no_grad():
+        sae.gate_bias[::4] = -5.0  # dead: these neurons will be raised
+    sae.window_fire_counts.zero_()
+    sae.window_peak_preacts.fill_(-torch.inf)
+    sae.window_tokens.zero_()
+    sae.window_steps.zero_()
+    sae.training_forward_pass(_step_input(batches[1], 1))
+    sae.training_forward_pass(_step_input(batches[2], 2))
+    # The window by hand from the SAE's parameters (no optimizer step was taken).
+    with torch.no_grad():
+        c = sae.input_scale
+        unit_w = sae.directions / sae.directions.norm(dim=1, keepdim=True)
+        x = torch.cat(batches[1:])
+        y = (x / c - sae.pre_bias) @ unit_w.T + sae.gate_bias
+    frequency = (y > 0).double().mean(0)
+    peaks = y.max(0).values
+    groups = group_index(32, 2)
+    targets = target_frequencies(2, 0.3, 0.05)[groups]
+    dead, over = frequency == 0, frequency > targets
+    assert dead.sum() >= 4 and over.sum() >= 4  # both steps are exercised
+    rule = partial(adapt_biases, sae.gate_bias.clone(), frequency, peaks, targets)
+    expected = rule(groups, 2, 0.03, 0.07, 0.0, unit)
+    swapped = rule(groups, 2, 0.07, 0.03, 0.0, unit)
+
+    sae.training_forward_pass(_step_input(batches[0], 3))  # adapts first
+    torch.testing.assert_close(sae.gate_bias, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(sae.gate_bias, swapped, rtol=1e-3, atol=1e-4)
+    assert torch.equal(sae.last_window_tokens, torch.full((32,), 128))
+    assert torch.equal(sae.last_window_fire_counts, (y > 0).sum(0))

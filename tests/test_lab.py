@@ -8,7 +8,6 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 
-from sae_gba.cli import main
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.synthetic import SyntheticFeatureModel, imbalanced_preset, uniform_preset
 from sae_gba_evals.lab.experiments import resonance_band, run_experiment
@@ -20,6 +19,7 @@ from sae_gba_evals.lab.methods import (
     plant_features,
     train,
 )
+from tests.helpers import cli_error
 
 TINY = RunSpec(method="gba", data=imbalanced_preset(), width=64, steps=4, batch_size=64)
 
@@ -199,15 +199,12 @@ def test_ablate_rejects_unknown_choices(tmp_path, field, value) -> None:
         run_experiment("ablate", tmp_path / "x.json", **{field: value})
 
 
-def test_synth_cli_refuses_ablate_options_for_other_experiments(tmp_path) -> None:
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "synth",
-                "imbalanced",
-                "--out",
-                str(tmp_path / "x.json"),
-                "--data",
-                "uniform",
-            ]
-        )
+def test_synth_cli_refuses_ablate_options_for_other_experiments(
+    tmp_path, capsys
+) -> None:
+    argv = ["synth", "imbalanced", "--out", str(tmp_path / "x.json")]
+    line = cli_error(capsys, [*argv, "--data", "uniform"])
+    assert line == "--data applies to ablate only"
+    line = cli_error(capsys, [*argv, "--variants", "a"])
+    assert line == "--variants applies to ablate only"
+    assert not (tmp_path / "x.json").exists()

@@ -8,15 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import runner_dict, save_word_tokenizer, tiny_model, token_dataset
 from sae_lens import SAE, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
-from sae_gba.cli import main
 from sae_gba.latent_page import (
     PageOptions,
     build_latent_page,
     hook_activations,
     select_latents,
+)
+from tests.helpers import (
+    cli_error,
+    runner_dict,
+    save_word_tokenizer,
+    tiny_model,
+    token_dataset,
 )
 
 N_GROUPS, D_SAE, HOOK = 3, 96, "blocks.0.hook_resid_post"
@@ -243,12 +248,15 @@ def test_page_options__invalid_values_name_the_field(field, value, fragment):
 
 
 def test_cli_inspect__reports_bad_input(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["inspect", str(tmp_path / "missing"), "--out", str(tmp_path)])
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["inspect", str(tmp_path), "--out", str(tmp_path), "--latents", "a,b"])
-    assert "comma-separated latent ids" in capsys.readouterr().err
+    line = cli_error(capsys, ["inspect", str(tmp_path / "missing"), "--out", "x"])
+    assert line == f"SAE folder {tmp_path / 'missing'} does not exist"
+    line = cli_error(
+        capsys, ["inspect", str(tmp_path), "--out", "x", "--latents", "a,b"]
+    )
+    assert line == (
+        "--latents 'a,b' is invalid: expected frequent, random, groups or "
+        "comma-separated latent ids"
+    )
 
 
 def _chromium_missing() -> str | None:

@@ -3,12 +3,12 @@ and split, and the harvest, on a tiny random model with the embedded tokenizer."
 
 import pytest
 import torch
-from conftest import tiny_speller
 from datasets import Dataset
 
 from sae_gba.lm.data import read_windows
 from sae_gba.lm.harvest import harvest, hook_layer
 from sae_gba.lm.windows import special_token_ids
+from tests.helpers import tiny_speller
 
 HOOK = "blocks.0.hook_resid_post"
 

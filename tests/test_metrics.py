@@ -15,8 +15,8 @@ from sae_gba.bias_adaptation import group_index, target_frequencies
 from sae_gba.metrics import DENSE_FREQUENCY, summarize_window
 from sae_gba.synthetic import SyntheticFeatureModel, uniform_preset
 from sae_gba.training import TensorDataProvider, make_trainer
-from sae_gba.weighted import WEIGHTED_CLASSES
-from tests.conftest import runner_dict, tiny_model, token_dataset
+from sae_gba.weighted_sae import WEIGHTED_CLASSES
+from tests.helpers import runner_dict, tiny_model, token_dataset
 
 GROUP_METRICS = (
     "target_freq",

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from conftest import save_word_tokenizer
 from datasets import Dataset
 from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import SAE
@@ -25,8 +24,9 @@ from sae_gba.presets import (
     load_hooked_model,
     train_preset,
 )
+from tests.helpers import GEMMA2_VOCAB
 
-VOCAB = 512
+VOCAB = GEMMA2_VOCAB
 BOS = 2  # Gemma2Config's default bos_token_id
 LAYER = 1
 # Small runs: 16-token windows, 64-token batches, 2-step adaptation windows.
@@ -38,22 +38,6 @@ SMALL = dataclasses.replace(
     n_batches_in_buffer=4,
     adaptation_interval=2,
 )
-
-
-@pytest.fixture(scope="module")
-def gemma2(tmp_path_factory):
-    """(folder, HF model) of a random 2-layer Gemma-2 with Gemma-2-2B's width."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Gemma2Config(num_hidden_layers=2, vocab_size=VOCAB, intermediate_size=512)
-    assert (config.hidden_size, config.num_attention_heads) == (2304, 8)
-    assert (config.num_key_value_heads, config.head_dim) == (4, 256)
-    hf_model = Gemma2ForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("gemma2")
-    hf_model.save_pretrained(folder)
-    save_word_tokenizer(folder, VOCAB)
-    return folder, hf_model
 
 
 @pytest.fixture(scope="module")
@@ -208,39 +192,3 @@ def test_train_preset_reads_local_folders(tmp_path, gemma2):
     assert 'id="latent-3"' in page and 'id="latent-60"' in page
     with pytest.raises(ValueError, match="layer 5 does not exist"):
         train_preset(SMALL, tmp_path / "bad", model_path=str(gemma2[0]), layer=5)
-
-
-def test_cli_train_passes_its_options(monkeypatch, tmp_path, gemma2, capsys):
-    calls = []
-    monkeypatch.setattr(
-        "sae_gba.presets.train_preset", lambda *a, **k: calls.append((a, k))
-    )
-    model = str(gemma2[0])
-    out = str(tmp_path / "a")
-    main(["train", "--preset", "gemma-2-2b", "--out", out, "--model-path", model])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--resume", out, "--d-sae", "256"])
-    assert exit_info.value.code == 2
-    assert "--d-sae 256 (the run has None)" in capsys.readouterr().err
-    main(["train", "--resume", out])
-    (args, kwargs), (_, resumed) = calls
-    assert args == (GEMMA_2_2B, tmp_path / "a")
-    assert kwargs == {
-        "model_path": model,
-        "dataset_path": None,
-        "d_sae": None,
-        "training_tokens": None,
-        "layer": None,
-        "device": "cpu",
-        "architecture": "gba",
-        "resume": False,
-        "checkpoint_interval_s": 300.0,
-    }
-    assert resumed == {**kwargs, "resume": True}
-    out = str(tmp_path / "b")
-    main(["train", "--preset", "embedded", "--out", out, "--architecture", "topk"])
-    main(["train", "--preset", "embedded", "--out", out, "--k", "32", "--overwrite"])
-    assert calls[2][1]["architecture"] == "topk" and "k" not in calls[2][1]
-    assert calls[3][1]["k"] == 32
-    with pytest.raises(SystemExit):
-        main(["train", "--preset", "gemma-9", "--out", out])

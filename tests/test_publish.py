@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from sae_gba import GBATrainingSAE, GBATrainingSAEConfig
 from sae_gba.cli import main
 from sae_gba.publish import PublishError, publish
-from tests.conftest import runner_dict, tiny_model, token_dataset
+from tests.helpers import runner_dict, tiny_model, token_dataset
 
 REPO_ID = "user/name"
 COMMIT = hashlib.sha1(b"sae-gba test release").hexdigest()

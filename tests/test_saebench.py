@@ -12,13 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    runner_dict,
-    save_word_tokenizer,
-    tiny_model,
-    tiny_speller,
-    token_dataset,
-)
 from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
@@ -45,15 +38,18 @@ from sae_gba_evals.saebench.absorption import (
     sae_input_space,
     stop_after_layer,
 )
+from tests.helpers import (
+    FAST_ABSORPTION,
+    cli_error,
+    runner_dict,
+    save_word_tokenizer,
+    spelling_model,
+    tiny_model,
+    tiny_speller,
+    token_dataset,
+)
 
 HOOK = "blocks.0.hook_resid_post"
-# Absorption stages cut down for speed: k up to 2, 5 probe epochs, lowered gates.
-FAST_ABSORPTION = {
-    "max_k_value": 2,
-    "k_sparse_probe_num_epochs": 5,
-    "min_GT_probe_f1": -1.0,
-    "min_feats_for_eval": 1,
-}
 
 
 def _meta(**overrides) -> SAEMetadata:
@@ -138,6 +134,70 @@ def test_core__saebench_json_covers_every_window_once(sae_folders, tmp_path, kin
     alive = (acts > 0).any(0).float().mean().item()
     assert metrics["misc_metrics"]["frac_alive"] == pytest.approx(alive)
     assert result["metrics"]["sparsity"] == metrics["sparsity"]
+
+
+def _kl(clean: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    p = clean.softmax(-1)
+    return (p * (p.log() - new.softmax(-1).log())).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["gba", "topk"])
+def test_core__metrics_equal_a_direct_computation_on_the_same_tokens(
+    sae_folders, tmp_path, kind
+):
+    """EV (SAEBench's and legacy), MSE, cosine, CE and KL scores from SAEBench's JSON
+    against the formulas applied by hand to the same 8 windows (2 batches of 4)."""
+    model = tiny_model()
+    sae = prepare_sae(load_sae(sae_folders / kind), "cpu", "float32")
+    tokens = token_dataset(n_rows=8)
+    settings = EvalSettings(n_recon_tokens=8 * 16, batch_size_prompts=4)
+    run_core(sae, model, tokens, tmp_path, settings=settings, sae_name=kind)
+    data = json.loads((tmp_path / f"sae_gba_{kind}_eval_results.json").read_text())
+    metrics = data["eval_result_metrics"]
+    quality = metrics["reconstruction_quality"]
+
+    # run_core's order: shuffled by the settings' seed, read in batches of 4.
+    windows = torch.tensor(tokens.shuffle(seed=settings.seed)["tokens"])
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(windows, names_filter=HOOK)
+        x = cache[HOOK]
+        x_hat = sae.decode(sae.encode(x))
+        rss = (x - x_hat).pow(2).sum(-1).flatten()
+        flat = x.flatten(0, 1)
+        # SAEBench's explained variance: its total variance subtracts the square of
+        # the mean of x^2 (not of x) from the mean squared norm.
+        total = flat.pow(2).sum(-1).mean() - flat.pow(2).mean() ** 2
+        batch_means = x.reshape(2, 4 * 16, -1).mean(1, keepdim=True)
+        centred = (x.reshape(2, 4 * 16, -1) - batch_means).pow(2).sum(-1).flatten()
+        cosine = torch.nn.functional.cosine_similarity(flat, x_hat.flatten(0, 1), -1)
+        expected = {
+            "explained_variance": 1 - rss.mean() / total,
+            "explained_variance_legacy": (1 - rss / centred).mean(),
+            "mse": rss.mean() / (4 * 16),  # SAEBench divides by the batch's tokens
+            "cossim": cosine.mean(),
+        }
+        for name, value in expected.items():
+            assert quality[name] == pytest.approx(value.item(), rel=1e-4), name
+
+        def loss_and_logits(replace):
+            hook = (HOOK, lambda acts, hook: replace(acts))
+            return model.run_with_hooks(
+                windows, return_type="both", fwd_hooks=[hook], loss_per_token=True
+            )
+
+        sae_logits, sae_ce = loss_and_logits(lambda a: sae.decode(sae.encode(a)))
+        zero_logits, zero_ce = loss_and_logits(torch.zeros_like)
+        clean_ce = model(windows, return_type="loss", loss_per_token=True)
+        kl_sae = _kl(clean_logits, sae_logits).mean()
+        kl_zero = _kl(clean_logits, zero_logits).mean()
+    ce = metrics["model_performance_preservation"]
+    assert ce["ce_loss_without_sae"] == pytest.approx(clean_ce.mean().item(), rel=1e-4)
+    assert ce["ce_loss_with_sae"] == pytest.approx(sae_ce.mean().item(), rel=1e-4)
+    ce_score = (zero_ce.mean() - sae_ce.mean()) / (zero_ce.mean() - clean_ce.mean())
+    assert ce["ce_loss_score"] == pytest.approx(ce_score.item(), rel=1e-3)
+    kl = metrics["model_behavior_preservation"]
+    assert kl["kl_div_with_sae"] == pytest.approx(kl_sae.item(), rel=1e-3)
+    assert kl["kl_div_score"] == pytest.approx((1 - kl_sae / kl_zero).item(), rel=1e-3)
 
 
 def test_first_letter_words__sorted_sampled_and_prompt_safe(tokenizer):
@@ -231,6 +291,32 @@ def test_absorption__stages_write_saebench_json(tmp_path):
     assert again["metrics"] == result["metrics"]
 
 
+def test_absorption__with_saebenchs_probe_gate_on_a_model_that_spells(tmp_path):
+    model = spelling_model()
+    meta = _meta(hook_name="blocks.1.hook_resid_post", context_size=128)
+    sae = prepare_sae(
+        StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, metadata=meta)),
+        "cpu",
+        "bfloat16",
+    )
+    settings = EvalSettings(absorption_words=260, seed=0)
+    # SAEBench's gate as it ships: min_GT_probe_f1 0.6, min_feats_for_eval default.
+    fast = {"max_k_value": 1, "k_sparse_probe_num_epochs": 3}
+    result = run_absorption(
+        sae, model, tmp_path, settings=settings, probes_dir=tmp_path / "p", **fast
+    )
+    info = result["tokens"]
+    assert info["status"] == "evaluated", info["status"]
+    f1 = info["ground_truth_probe_f1"]
+    assert info["letters_passing_probe_gate"] == sum(v > 0.6 for v in f1.values())
+    assert info["letters_passing_probe_gate"] >= 10
+    data = json.loads((tmp_path / "sae_gba_sae_eval_results.json").read_text())
+    letters = {d["first_letter"] for d in data["eval_result_details"]}
+    assert letters and letters <= {k for k, v in f1.items() if v > 0.6}
+    mean = data["eval_result_metrics"]["mean"]
+    assert 0 <= mean["mean_absorption_fraction_score"] <= 1
+
+
 @pytest.fixture(scope="module")
 def gemma2_folder(tmp_path_factory):
     """A random 2-layer, 64-wide Gemma-2 with a word-level tokenizer, saved locally."""
@@ -284,8 +370,8 @@ def test_cli_eval__reads_the_model_folder_and_the_held_out_articles(
     assert "## Core (512 held-out tokens)" in summary and "frac_alive" in summary
     assert "Absorption" not in summary
     assert summary in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([*argv, "--preset", "gemma-7b"])
+    line = cli_error(capsys, [*argv, "--overwrite", "--preset", "gemma-7b"])
+    assert line == "preset must be one of ['embedded', 'gemma-2-2b'], got 'gemma-7b'"
 
 
 def test_evaluate__bad_requests_are_named(sae_folders, tmp_path):

@@ -12,6 +12,7 @@ from sae_gba.cli import main
 from sae_gba_evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
 from sae_gba_evals.suite.methods import METHODS, method_k, parse_gba_overrides
 from sae_gba_evals.suite.suite import scaling, suite, write_result
+from tests.helpers import cli_error
 
 SAMPLES = 40_000
 
@@ -140,7 +141,7 @@ def test_suite_small__every_family_and_method_end_to_end(tmp_path) -> None:
     assert json.loads((tmp_path / "suite.json").read_text())["seeds"] == 1
 
 
-def test_cli_suite__selects_families_methods_and_gba_fields(tmp_path) -> None:
+def test_cli_suite__selects_families_methods_and_gba_fields(tmp_path, capsys) -> None:
     out = tmp_path / "s.json"
     main(
         ["synth", "suite", "--size", "small", "--seeds", "2", "--workers", "1",
@@ -153,10 +154,15 @@ def test_cli_suite__selects_families_methods_and_gba_fields(tmp_path) -> None:
     assert list(result["table"]["uniform"]) == ["gba_default", "topk_k2"]
     assert result["table"]["uniform"]["topk_k2"]["seeds"] == [0, 1]
     assert result["gba_default_fields"]["train_output_scale"] is False
-    with pytest.raises(SystemExit):
-        main(["synth", "suite", "--families", "nope", "--out", str(out)])
-    with pytest.raises(SystemExit):
-        main(["synth", "imbalanced", "--size", "small", "--out", str(out)])
+    capsys.readouterr()  # the run's progress bars
+    line = cli_error(
+        capsys, ["synth", "suite", "--families", "nope", "--out", str(out)]
+    )
+    assert line.startswith("families=['nope'] is invalid: must be among ['uniform',")
+    line = cli_error(
+        capsys, ["synth", "imbalanced", "--size", "small", "--out", str(out)]
+    )
+    assert line == "--families, --gba and --size apply to suite and scaling only"
 
 
 def test_scaling_small__width_and_n_sweeps_against_the_better_topk() -> None:

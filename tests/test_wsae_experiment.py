@@ -6,7 +6,7 @@ import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 
-from sae_gba.weighted import ESTIMATED, input_weights
+from sae_gba.weighted_sae import ESTIMATED, input_weights
 from sae_gba.wsae_theory import (
     closed_form_encoder,
     ground_truth_error_on_support,

@@ -35,7 +35,7 @@ from sae_gba.bias_adaptation import BIAS_MAX, BIAS_MIN, group_index, target_freq
 from sae_gba.fast_step import fast_step_enabled
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.training import TensorDataProvider, make_trainer
-from sae_gba.weighted import WeightedTrainingMixin, input_weights
+from sae_gba.weighted_sae import WeightedTrainingMixin, input_weights
 from sae_gba_evals.bench.harvest import harvest_rate
 from sae_gba_evals.bench.plots import plot_throughput, shape_of
 

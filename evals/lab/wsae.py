@@ -15,7 +15,7 @@ For every (W_p kind, S, seed) an ordinary SAE, WSAEs with alpha 0.5 and 1, and f
 each alpha a matched-penalty control (below) are trained identically: same data and
 batch order, same initialisation (``torch.manual_seed`` before building each SAE),
 same steps, batch size and learning rate, same base
-architecture. The WSAE is SAELens's ``weighted_standard`` (``sae_gba.weighted``): its
+architecture. The WSAE is SAELens's ``weighted_standard`` (``sae_gba.weighted_sae``): its
 weights are estimated from the per-dimension variance of the first
 ``weight_estimation_batches`` training batches, ``gamma_i = var_i^alpha``, normalised to
 ``mean(gamma^2) = 1``, which is what the weighted architectures do by default. Reported
@@ -100,7 +100,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from torch import Tensor
 
 from sae_gba.training import TensorDataProvider, make_trainer
-from sae_gba.weighted import WEIGHTED_CLASSES, input_weights, weighted_config
+from sae_gba.weighted_sae import WEIGHTED_CLASSES, input_weights, weighted_config
 from sae_gba.wsae_theory import (
     WSAEData,
     aligned_latents,

@@ -30,8 +30,9 @@ and described in ``cfg.json``'s metadata (``input_weights_source``).
 import copy
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from typing_extensions import override
 
-from sae_gba.buffers import keep_float32
+from sae_gba.buffers import keep_float32, restore_state_dtypes
 from sae_gba.collectives import gather_rows
+from sae_gba.config_fields import check_field
 from sae_gba.gba_sae import (
     MIN_RELATIVE_SPREAD,
     GBATrainingSAE,
@@ -72,8 +74,8 @@ from sae_gba.gba_sae import (
 
 # Type checkers see the mixins as what they extend; at run time they are plain mixins.
 if TYPE_CHECKING:
-    _ConfigBase = TrainingSAEConfig
-    _TrainingBase = TrainingSAE[Any]
+    _ConfigBase: TypeAlias = TrainingSAEConfig
+    _TrainingBase: TypeAlias = TrainingSAE[Any]
 else:
     _ConfigBase = _TrainingBase = object
 
@@ -223,12 +225,7 @@ class WeightedConfigMixin(_ConfigBase):
 
 
 def _validate_weight_fields(cfg: WeightedConfigMixin) -> None:
-    def require(name: str, ok: bool, allowed: str) -> None:
-        if not ok:
-            raise ValueError(
-                f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r} is invalid: "
-                f"{allowed}"
-            )
+    require = partial(check_field, cfg)
 
     alpha = cfg.weight_alpha
     require(
@@ -392,13 +389,7 @@ class WeightedTrainingMixin(_TrainingBase):
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         super().process_state_dict_for_loading(state_dict)
-        # SAELens's disk loader casts every tensor to cfg.dtype.
-        for name in COUNTER_STATE:
-            if name in state_dict:
-                state_dict[name] = state_dict[name].round().to(torch.int64)
-        for name in FLOAT32_STATE:
-            if name in state_dict:
-                state_dict[name] = state_dict[name].float()
+        restore_state_dtypes(state_dict, FLOAT32_STATE, COUNTER_STATE)
 
     @override
     def process_state_dict_for_saving_inference(

@@ -22,7 +22,7 @@ from sae_gba.training import (
     resume_from_checkpoint,
     save_checkpoint_atomically,
 )
-from sae_gba.weighted import (
+from sae_gba.weighted_sae import (
     INPUT_WEIGHTS_FILENAME,
     WEIGHTED_CLASSES,
     WeightedStandardTrainingSAEConfig,
@@ -33,7 +33,7 @@ from sae_gba.weighted import (
     weighted_config,
     weighted_config_class,
 )
-from tests.conftest import runner_dict, tiny_model, token_dataset
+from tests.helpers import runner_dict, tiny_model, token_dataset
 
 BASES = list(WEIGHTED_CLASSES)
 # The base-specific fields that make each architecture sensible at d_sae = 16..96.

@@ -13,6 +13,8 @@ import torch
 StepUnit = Literal["margin", "scale", "tail"]
 
 EULER_GAMMA = 0.5772156649015329
+# The tail step also raises a neuron that fires below this fraction of its target.
+TAIL_BAND = 0.5
 
 BIAS_MIN = -1.0
 BIAS_MAX = 0.0
@@ -132,8 +134,11 @@ def adapt_biases(
     ``"tail"`` the bias gap to the target under an exponential tail,
     ``ln(p_m / p_k)`` tail scales, a tail scale being the margin peak over
     ``H(c_m)``, the expected maximum excess of ``c_m = p_m * window_tokens``
-    firings in units of the scale (``ln c + 0.5772 + 1 / (2c)``). Dead neurons
-    are raised by the group mean of the margin peaks for "tail" as for "margin".
+    firings in units of the scale (``ln c + 0.5772 + 1 / (2c)``). The tail step
+    is two-sided: a neuron that fired, but below ``TAIL_BAND`` of its target, is
+    raised by the same estimate (the paper leaves it alone, and groups then drift
+    below their targets as the directions sharpen); dead neurons are raised by the
+    group mean of the margin peaks as for "margin".
 
     A group with no positive peak falls back to the mean positive peak of all
     neurons, and to 1 (the input scale) when nothing fired at all, so a fully dead
@@ -171,17 +176,19 @@ def adapt_biases(
     targets = neuron_targets.to(firing_frequency)
     over_active = firing_frequency > targets
     dead = firing_frequency <= dead_threshold
-    steps = peaks
+    raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
     if step_unit == "tail":
-        # The window's count sets how many tail scales its peak spans.
         if window_tokens is None:
             raise ValueError('step_unit="tail" needs window_tokens')
+        # The window's count sets how many tail scales its margin peak spans.
         count = (firing_frequency * window_tokens).clamp(min=1)
         harmonic = count.log() + EULER_GAMMA + 0.5 / count
-        gap = (firing_frequency / targets).clamp(min=1).log()
-        steps = (peaks.to(gap) / harmonic * gap).to(peaks)
-    lowered = torch.clamp(bias - gamma_minus * steps, min=BIAS_MIN)
-    raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
+        gap = (firing_frequency.clamp(min=1e-300) / targets).log()
+        moved = over_active | (~dead & (firing_frequency < TAIL_BAND * targets))
+        step = (peaks.to(gap) / harmonic * gap).to(bias)
+        tail = torch.clamp(bias - gamma_minus * step, BIAS_MIN, BIAS_MAX)
+        return torch.where(moved, tail, torch.where(dead, raised, bias))
+    lowered = torch.clamp(bias - gamma_minus * peaks, min=BIAS_MIN)
     return torch.where(over_active, lowered, torch.where(dead, raised, bias))
 
 

@@ -175,10 +175,11 @@ class GBATrainingSAEConfig(TrainingSAEConfig):
             "tail" (the default), ``gamma_minus`` times the bias gap to the target
             estimated from the window, ``ln(p / target)`` tail scales with the tail
             scale the margin peak over ``H(firings)`` (an exponential tail's
-            expected maximum excess). Windows of a low target close rarely, and a
-            fixed step leaves groups below 1e-3 at several times their target on a
-            run of a few hundred thousand tokens; the tail step reaches them in a
-            few windows (docs/recovery/README.md).
+            expected maximum excess); a neuron firing below half its target is
+            raised the same way. Windows of a low target close rarely, and a fixed
+            step leaves groups below 1e-3 at several times their target on a run
+            of a few hundred thousand tokens; the tail step reaches them in a few
+            windows (docs/recovery/README.md).
         dead_threshold: a neuron whose window firing frequency is at or below this
             is dead (0: did not fire in the window).
         train_pre_bias: train ``b_pre`` with Adam. Off by default: ``b_pre`` stays at

@@ -211,25 +211,27 @@ def test_high_target_for_l0__inverts_expected_l0_with_groups_and_low():
 
 def test_adapt_biases__tail_step_closes_the_log_frequency_gap_by_hand():
     # Neuron 0 fired 60 times in 1,000 tokens against a target of 0.01: gap ln 6.
-    # Its margin peak 0.4 spans about H(60) = ln 60 + Euler's gamma + 1 / 120 tail
-    # scales, so one tail scale is 0.4 / 4.6799 and the full step 0.4 * ln 6 / 4.6799
-    # = 0.153145; gamma_minus = 0.5 takes half of it. Neuron 1 (under target) keeps
-    # its bias; neuron 2 (dead) is raised by 0.1 x the mean positive margin peak
-    # (0.4 + 0.1) / 2.
+    # Its margin peak 0.4 spans about H(60) = ln 60 + Euler's gamma + 1 / 120 =
+    # 4.679894 tail scales, so the full step is 0.4 * ln 6 / 4.679894 = 0.153145;
+    # gamma_minus = 0.5 takes half of it. Neuron 1 fires at exactly half its target
+    # (the band's edge) and keeps its bias; neuron 2 (dead) is raised by 0.1 x its
+    # group's mean positive margin peak (0.4 + 0.1) / 2. Neuron 3 fired twice against
+    # 10 expected: gap ln 0.2 = -1.609438 over H(2) = 1.520363 tail scales of 0.1,
+    # so it is raised by 0.5 * 0.1 * 1.609438 / 1.520363 = 0.0529295.
     new = adapt_biases(
-        torch.tensor([-0.3, -0.2, -0.6]),
-        torch.tensor([0.06, 0.005, 0.0], dtype=torch.float64),
-        torch.tensor([0.4, 0.1, -0.2]),
-        torch.tensor([0.01, 0.01, 0.01], dtype=torch.float64),
-        torch.tensor([0, 0, 0]),
-        1,
+        torch.tensor([-0.3, -0.2, -0.6, -0.5]),
+        torch.tensor([0.06, 0.005, 0.0, 0.002], dtype=torch.float64),
+        torch.tensor([0.4, 0.1, -0.2, 0.1]),
+        torch.tensor([0.01] * 4, dtype=torch.float64),
+        torch.tensor([0, 0, 0, 1]),
+        2,
         gamma_plus=0.1,
         gamma_minus=0.5,
         step_unit="tail",
-        window_tokens=torch.tensor([1000, 1000, 1000]),
+        window_tokens=torch.tensor([1000] * 4),
     )
     assert new.tolist() == pytest.approx(
-        [-0.3 - 0.0765726, -0.2, -0.6 + 0.025], abs=1e-6
+        [-0.3 - 0.0765726, -0.2, -0.6 + 0.025, -0.5 + 0.0529295], abs=1e-6
     )
 
 

@@ -12,12 +12,13 @@ import sys
 import torch
 
 from sae_gba import load_sae
-from sae_gba.embedded import embedded_token_dataset, load_embedded_model
+from sae_gba.embedded import EMBEDDED_MODEL_NAME, embedded_token_dataset
+from sae_gba.lm.models import load_model
 
 sae = load_sae(sys.argv[1])  # any SAELens SAE folder, checked before loading
 n_latents = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 n_windows = int(os.environ.get("EXAMPLE_WINDOWS", 64))
-model = load_embedded_model()
+model = load_model(EMBEDDED_MODEL_NAME)
 tokens = torch.tensor(embedded_token_dataset("held_out", 128)["tokens"][:n_windows])
 hook = sae.cfg.metadata.hook_name
 with torch.no_grad():

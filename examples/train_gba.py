@@ -16,7 +16,8 @@ from sae_lens import (
 )
 
 from sae_gba import GBATrainingSAEConfig
-from sae_gba.embedded import embedded_token_dataset, load_embedded_model
+from sae_gba.embedded import EMBEDDED_MODEL_NAME, embedded_token_dataset
+from sae_gba.lm.models import load_model
 
 out = sys.argv[1] if len(sys.argv) > 1 else "runs/example_gba"
 tokens = int(os.environ.get("EXAMPLE_TOKENS", 500_000))
@@ -44,7 +45,7 @@ cfg = LanguageModelSAERunnerConfig(
 )
 sae = LanguageModelSAETrainingRunner(
     cfg,
-    override_model=load_embedded_model(),
+    override_model=load_model(EMBEDDED_MODEL_NAME),
     override_dataset=embedded_token_dataset("train", 128).shuffle(seed=0),
 ).run()
 print(f"wrote {out}: a {sae.cfg.d_sae}-latent SAE, exported as SAELens's jumprelu")

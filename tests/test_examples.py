@@ -14,9 +14,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-import torch
 
-from sae_gba import embedded
+from sae_gba.lm import models
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOY = {"EXAMPLE_TOKENS": "1024", "EXAMPLE_D_SAE": "64", "EXAMPLE_WINDOWS": "4"}
@@ -25,19 +24,19 @@ TOY = {"EXAMPLE_TOKENS": "1024", "EXAMPLE_D_SAE": "64", "EXAMPLE_WINDOWS": "4"}
 @pytest.fixture(scope="module")
 def run_example():
     """Runs ``examples/SCRIPT ARGS`` with the toy settings; returns its output."""
-    load = embedded.load_embedded_model
-    models = {}
+    load = models.load_model
+    loaded = {}
 
-    def load_once(device: str = "cpu", dtype: torch.dtype = torch.float32):
-        key = (str(device), dtype)
-        if key not in models:
-            models[key] = load(device=device, dtype=dtype)
-        return models[key]
+    def load_once(name: str, *args, **kwargs):
+        key = (name, *args, *sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in loaded:
+            loaded[key] = load(name, *args, **kwargs)
+        return loaded[key]
 
     def run(script: str, *args: str, **env: str) -> str:
         out = io.StringIO()
         with pytest.MonkeyPatch.context() as patch, redirect_stdout(out):
-            patch.setattr(embedded, "load_embedded_model", load_once)
+            patch.setattr(models, "load_model", load_once)
             patch.setattr(sys, "argv", [script, *args])
             for name, value in {**TOY, **env}.items():
                 patch.setenv(name, value)

@@ -59,20 +59,35 @@ def group_index(d_sae: int, n_groups: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def batch_window(preacts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's window statistics: each neuron's firing count and peak ``y``.
+
+    Args:
+        preacts: (batch, d_sae) pre-activations ``y = w . (x - b_pre) + b``.
+
+    Returns:
+        ((d_sae,) int64 counts of ``y > 0``, (d_sae,) max of ``y``).
+    """
+    return (preacts > 0).sum(dim=0), preacts.max(dim=0).values
+
+
+@torch.no_grad()
 def accumulate_window(
-    fire_counts: torch.Tensor, peak_preacts: torch.Tensor, preacts: torch.Tensor
+    fire_counts: torch.Tensor,
+    peak_preacts: torch.Tensor,
+    batch_fire_counts: torch.Tensor,
+    batch_peaks: torch.Tensor,
 ) -> None:
-    """Add one batch of pre-activations to the running window statistics, in place.
+    """Add one batch's statistics (:func:`batch_window`) to the window, in place.
 
     Args:
         fire_counts: (d_sae,) int64, times each neuron had ``y > 0`` in the window.
         peak_preacts: (d_sae,) running max of ``y`` in the window (-inf when empty).
-        preacts: (batch, d_sae) pre-activations ``y = w . (x - b_pre) + b``.
+        batch_fire_counts: (d_sae,) the batch's firing counts.
+        batch_peaks: (d_sae,) the batch's max of ``y``.
     """
-    fire_counts += (preacts > 0).sum(dim=0)
-    torch.maximum(
-        peak_preacts, preacts.max(dim=0).values.to(peak_preacts), out=peak_preacts
-    )
+    fire_counts += batch_fire_counts
+    torch.maximum(peak_preacts, batch_peaks.to(peak_preacts), out=peak_preacts)
 
 
 @torch.no_grad()

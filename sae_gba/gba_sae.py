@@ -52,6 +52,7 @@ from sae_gba.bias_adaptation import (
     StepUnit,
     accumulate_window,
     adapt_biases,
+    batch_window,
     closed_windows,
     expected_l0,
     group_index,
@@ -671,9 +672,12 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             self.threshold.to(x),
         )
         with torch.no_grad():
-            self.window_fire_counts += out.fire_counts
-            peaks = (out.peak_hidden_pre / scale + self.gate_bias).float()
-            torch.maximum(self.window_peak_preacts, peaks, out=self.window_peak_preacts)
+            accumulate_window(
+                self.window_fire_counts,
+                self.window_peak_preacts,
+                out.fire_counts,
+                out.peak_hidden_pre / scale + self.gate_bias,
+            )
         lead = processed_in.shape[:-1]
         return (
             out.x_hat.reshape(processed_in.shape),
@@ -691,7 +695,9 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             scale = self.input_scale.to(hidden_pre)
             preacts = hidden_pre.reshape(-1, self.cfg.d_sae) / scale + self.gate_bias
             accumulate_window(
-                self.window_fire_counts, self.window_peak_preacts, preacts
+                self.window_fire_counts,
+                self.window_peak_preacts,
+                *batch_window(preacts),
             )
         return processed_out, feature_acts, hidden_pre
 

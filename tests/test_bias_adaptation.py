@@ -10,6 +10,7 @@ from sae_gba.bias_adaptation import (
     BIAS_MIN,
     accumulate_window,
     adapt_biases,
+    batch_window,
     closed_windows,
     expected_l0,
     group_index,
@@ -44,8 +45,11 @@ def test_group_index__contiguous_balanced_blocks():
 def test_accumulate_window__counts_and_running_max():
     counts = torch.zeros(3, dtype=torch.int64)
     peaks = torch.full((3,), -math.inf)
-    accumulate_window(counts, peaks, torch.tensor([[0.5, -1.0, 0.0], [0.2, -2.0, 0.1]]))
-    accumulate_window(counts, peaks, torch.tensor([[0.9, -0.5, -0.1]]))
+    first = batch_window(torch.tensor([[0.5, -1.0, 0.0], [0.2, -2.0, 0.1]]))
+    assert first[0].tolist() == [2, 0, 1]
+    assert first[1].tolist() == pytest.approx([0.5, -1.0, 0.1])
+    accumulate_window(counts, peaks, *first)
+    accumulate_window(counts, peaks, *batch_window(torch.tensor([[0.9, -0.5, -0.1]])))
     assert counts.tolist() == [3, 0, 1]
     assert peaks.tolist() == pytest.approx([0.9, -0.5, 0.1])
 

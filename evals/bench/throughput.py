@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import sae_gba  # noqa: F401  (registers gba and weighted_gba)
 from sae_gba.atomic import write_text_atomically
-from sae_gba.bias_adaptation import BIAS_MAX, BIAS_MIN, group_index, target_frequencies
+from sae_gba.bias_adaptation import group_index, quantile_biases, target_frequencies
 from sae_gba.fast_step import fast_step_enabled
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.training import TensorDataProvider, make_trainer
@@ -98,26 +98,19 @@ def build_sae(arch: str, d_in: int, d_sae: int, data: torch.Tensor) -> TrainingS
 def settle_gate_biases(sae: GBATrainingSAE, x: torch.Tensor, chunk: int = 1024) -> None:
     """Put each neuron's gate bias where its group's target frequency would on ``x``.
 
-    That is the state bias adaptation steers towards, reached here at once: the bias
-    of a neuron with target ``p`` becomes minus the ``(1 - p)`` quantile of its
-    ``u / c`` over ``x``, clamped to the controller's range.
+    That is the state bias adaptation steers towards, reached at once with the rule's
+    own :func:`~sae_gba.bias_adaptation.quantile_biases`, ``chunk`` neurons at a time.
     """
+    c = sae.input_scale.to(x)
+    x_c = (x - sae.pre_bias * c) / c
+    w = sae.directions / sae.directions.norm(dim=1, keepdim=True)
     cfg = sae.cfg
     targets = target_frequencies(
         cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq
-    ).tolist()
-    groups = group_index(cfg.d_sae, cfg.n_groups)
-    c = sae.input_scale.to(x)
-    x_c = x - sae.pre_bias * c
-    w = sae.directions / sae.directions.norm(dim=1, keepdim=True)
-    for group, target in enumerate(targets):
-        members = (groups == group).nonzero().flatten()
-        rank = min(max(round((1 - target) * x.shape[0]), 1), x.shape[0])
-        for start in range(int(members[0]), int(members[-1]) + 1, chunk):
-            stop = min(start + chunk, int(members[-1]) + 1)
-            y = w[start:stop] @ x_c.T / c
-            bias = -y.kthvalue(rank, dim=1).values
-            sae.gate_bias[start:stop] = bias.clamp(BIAS_MIN, BIAS_MAX)
+    )[group_index(cfg.d_sae, cfg.n_groups)]
+    for start in range(0, sae.cfg.d_sae, chunk):
+        block = slice(start, start + chunk)
+        sae.gate_bias[block] = quantile_biases(x_c @ w[block].T, targets[block])
 
 
 @torch.no_grad()

@@ -732,7 +732,7 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
         self.pre_bias.data.copy_((mean / scale).to(self.pre_bias))
         if self.cfg.gate_bias_init == "target_quantile":
             preacts = (x - mean) / scale @ self._unit_directions().float().T
-            self.gate_bias.copy_(quantile_biases(preacts, self._neuron_targets()))
+            self.gate_bias.copy_(quantile_biases(preacts, self.neuron_targets()))
 
     def _groups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(each group's target (K,), each neuron's group (d_sae,)) on the SAE's device.
@@ -752,7 +752,8 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
             self._groups_cache = cached
         return cached
 
-    def _neuron_targets(self) -> torch.Tensor:
+    def neuron_targets(self) -> torch.Tensor:
+        """Each neuron's target firing frequency (its group's), on the SAE's device."""
         targets, groups = self._groups()
         return targets[groups]
 
@@ -760,8 +761,8 @@ class GBATrainingSAE(_GBAForward, TrainingSAE[GBATrainingSAEConfig]):
     @synchronized_window  # data-parallel: every rank judges the global window
     def adapt_biases(self) -> None:
         """Adapt every neuron whose window is closed, and start new windows for them."""
-        group_targets, groups = self._groups()
-        targets = group_targets[groups]
+        _, groups = self._groups()
+        targets = self.neuron_targets()
         closed = closed_windows(
             self.window_fire_counts,
             self.window_tokens,

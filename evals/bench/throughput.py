@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import sae_gba  # noqa: F401  (registers gba and weighted_gba)
 from sae_gba.atomic import write_text_atomically
-from sae_gba.bias_adaptation import group_index, quantile_biases, target_frequencies
+from sae_gba.bias_adaptation import quantile_biases
 from sae_gba.fast_step import fast_step_enabled
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.training import TensorDataProvider, make_trainer
@@ -104,10 +104,7 @@ def settle_gate_biases(sae: GBATrainingSAE, x: torch.Tensor, chunk: int = 1024) 
     c = sae.input_scale.to(x)
     x_c = (x - sae.pre_bias * c) / c
     w = sae.directions / sae.directions.norm(dim=1, keepdim=True)
-    cfg = sae.cfg
-    targets = target_frequencies(
-        cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq
-    )[group_index(cfg.d_sae, cfg.n_groups)]
+    targets = sae.neuron_targets()
     for start in range(0, sae.cfg.d_sae, chunk):
         block = slice(start, start + chunk)
         sae.gate_bias[block] = quantile_biases(x_c @ w[block].T, targets[block])

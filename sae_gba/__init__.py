@@ -15,13 +15,14 @@ import sys
 from typing import Any
 
 _GBA = "sae_gba.gba_sae"
+_GBA_CONFIG = "sae_gba.gba_config"
 _WEIGHTED = "sae_gba.weighted_sae"
 # Public name -> the module that defines it (imported on first use).
 _EXPORTS = {
     "GBASAE": _GBA,
-    "GBASAEConfig": _GBA,
+    "GBASAEConfig": _GBA_CONFIG,
     "GBATrainingSAE": _GBA,
-    "GBATrainingSAEConfig": _GBA,
+    "GBATrainingSAEConfig": _GBA_CONFIG,
     "WeightedBatchTopKTrainingSAE": _WEIGHTED,
     "WeightedBatchTopKTrainingSAEConfig": _WEIGHTED,
     "WeightedGBATrainingSAE": _WEIGHTED,

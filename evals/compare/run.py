@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ from sae_gba_evals.compare.config import (
     CompareError,
     ComparePreset,
     CompareSize,
+    SweepPoint,
     resolve_request,
     sweep_points,
 )
@@ -111,15 +112,20 @@ def run_compare(
         What ``compare.json`` holds.
     """
     chosen, size, methods = resolve_request(preset, size, methods, evals)
-    points = sweep_points(methods, size)
-    try:
-        require_saebench()
-    except EvalError as err:
-        raise CompareError(str(err)) from err
     out = Path(out)
-    # Settings of finished SAEs are checked before the model is even loaded.
-    records = {p.name: trained_record(out / "saes" / p.name, p, size) for p in points}
-    out.mkdir(parents=True, exist_ok=True)
+    request = _Request(
+        out,
+        chosen,
+        size,
+        methods,
+        evals,
+        seed,
+        progress,
+        probes_dir,
+        absorption_options,
+    )
+    points = sweep_points(methods, size)
+    records = _finished_records(out, points, size)
     wall = time.perf_counter()
     model, model_name, hook_name = model_and_hook(
         chosen, model, model_path, device, size.llm_dtype, layer
@@ -128,49 +134,128 @@ def run_compare(
     train_windows, held_out, train_label, held_label = _windows(
         chosen, model, dataset_path, seed, train_windows, held_out
     )
+    metadata = sae_metadata(model_name, hook_name, train_windows, train_label)
+    harvest_info = _train(
+        request, model, (hook_name, metadata), train_windows, points, records, timings
+    )
+    header = request.header(
+        command, model_name, hook_name, (train_label, held_label), harvest_info, timings
+    )
+    rows, header["memoized_forward"] = _evaluate(
+        request, records, model, (held_out, held_label), hook_name, timings
+    )
+    timings["total_this_run_s"] = time.perf_counter() - wall
+    return report(out, header, rows)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One comparison as asked, resolved: what every step of the run reads."""
+
+    out: Path
+    preset: ComparePreset
+    size: CompareSize
+    methods: Sequence[str]
+    evals: Sequence[str]
+    seed: int
+    progress: bool
+    probes_dir: str | Path | None
+    absorption_options: dict[str, Any] | None
+
+    def header(
+        self,
+        command: str | None,
+        model_name: str,
+        hook_name: str,
+        data_labels: tuple[str, str],
+        harvest_info: dict[str, Any],
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """The report's header: the command line, what it asked for, the model and
+        data it ran on, the harvest and the timings."""
+        return {
+            "command": command
+            or _default_command(self.out, self.preset.name, self.size, self.methods),
+            "preset": self.preset.name,
+            "size": asdict(self.size),
+            "methods": list(self.methods),
+            "evals": list(self.evals),
+            "seed": self.seed,
+            "model": model_name,
+            "hook_name": hook_name,
+            "train_data": data_labels[0],
+            "held_out_data": data_labels[1],
+            "harvest": harvest_info,
+            "timings": timings,
+        }
+
+
+def _train(
+    request: _Request,
+    model: HookedTransformer,
+    hook: tuple[str, dict[str, Any]],
+    train_windows: torch.Tensor,
+    points: Sequence[SweepPoint],
+    records: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Harvest once and train every unfinished sweep point; adds the timings."""
     harvest_info = harvest_and_train(
-        out,
+        request.out,
         model,
-        (hook_name, sae_metadata(model_name, hook_name, train_windows, train_label)),
+        hook,
         train_windows,
-        size,
+        request.size,
         points,
         records,
-        seed,
-        progress,
+        request.seed,
+        request.progress,
     )
     timings["harvest_s"] = harvest_info["seconds"]
     timings["train_s"] = sum(r.get("seconds_this_run", 0.0) for r in records.values())
+    return harvest_info
+
+
+def _evaluate(
+    request: _Request,
+    records: dict[str, Any],
+    model: HookedTransformer,
+    held_out: tuple[datasets.Dataset, str],
+    hook_name: str,
+    timings: dict[str, float],
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every SAE's evals on the held-out windows (memoised); adds the timing."""
     start = time.perf_counter()
-    settings = size.eval_settings(len(held_out[0]["tokens"]))
+    size = request.size
     rows, memo = evaluate_all(
-        out,
+        request.out,
         records,
         model,
-        (held_out, held_label),
-        settings,
-        evals,
+        held_out,
+        size.eval_settings(len(held_out[0][0]["tokens"])),
+        request.evals,
         size.memo_bytes,
         hook_name,
-        probes_dir,
-        absorption_options,
-        progress,
+        request.probes_dir,
+        request.absorption_options,
+        request.progress,
     )
     timings["eval_s"] = time.perf_counter() - start
-    timings["total_this_run_s"] = time.perf_counter() - wall
-    header = {
-        "command": command or _default_command(out, chosen.name, size, methods),
-        "preset": chosen.name,
-        "size": asdict(size),
-        "methods": list(methods),
-        "evals": list(evals),
-        "seed": seed,
-        "model": model_name,
-        "hook_name": hook_name,
-        "train_data": train_label,
-        "held_out_data": held_label,
-        "harvest": harvest_info,
-        "timings": timings,
-        "memoized_forward": memo,
-    }
-    return report(out, header, rows)
+    return rows, memo
+
+
+def _finished_records(
+    out: Path, points: Sequence[SweepPoint], size: CompareSize
+) -> dict[str, dict[str, Any] | None]:
+    """Each sweep point's finished training record (None: not trained yet).
+
+    Checked before the model is even loaded: a finished SAE trained with other
+    settings stops the run at once. SAEBench's presence is checked first.
+    """
+    try:
+        require_saebench()
+    except EvalError as err:
+        raise CompareError(str(err)) from err
+    records = {p.name: trained_record(out / "saes" / p.name, p, size) for p in points}
+    out.mkdir(parents=True, exist_ok=True)
+    return records

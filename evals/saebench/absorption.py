@@ -10,25 +10,21 @@ stop after the probed layer (:func:`stop_after_layer`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from sae_gba_evals.saebench.absorption_stages import (
+from sae_gba_evals.saebench.absorption_stages import (  # noqa: F401 (public name)
     absorption_output,
-    feature_absorption,
-    k_sparse_probing,
-    train_ground_truth_probe,
+    run_stages,
+    stop_after_layer,
 )
 from sae_gba_evals.saebench.common import (
     RELEASE,
@@ -135,34 +131,6 @@ def sae_input_space(sae: SAE[Any]) -> Callable[[torch.Tensor], torch.Tensor] | N
     return None
 
 
-@contextlib.contextmanager
-def stop_after_layer(
-    model: HookedTransformer,
-    layer: int,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Iterator[None]:
-    """Make ``model.run_with_cache`` stop after block ``layer`` (same activations there).
-
-    SAEBench's absorption stages read only ``blocks.{layer}.hook_resid_post`` but run
-    the whole model, unembedding included; this skips the rest. ``transform``, if
-    given, is applied to that cached activation (see :func:`sae_input_space`).
-    """
-    hook = f"blocks.{layer}.hook_resid_post"
-
-    def run_with_cache(*args: Any, **kwargs: Any) -> Any:
-        kwargs["stop_at_layer"] = layer + 1
-        out, cache = type(model).run_with_cache(model, *args, **kwargs)
-        if transform is not None and hook in cache.cache_dict:
-            cache.cache_dict[hook] = transform(cache.cache_dict[hook])
-        return out, cache
-
-    model.run_with_cache = run_with_cache
-    try:
-        yield
-    finally:
-        del model.run_with_cache
-
-
 def _probe_dir(
     model: HookedTransformer, layer: int, words: list[str], config: Any
 ) -> Path:
@@ -226,15 +194,9 @@ def run_absorption(
         and token counts with the status, and the stage timings.
     """
     settings = settings or EvalSettings()
-    layer = sae.cfg.hook_layer
-    if sae.cfg.hook_name != f"blocks.{layer}.hook_resid_post":
-        raise EvalError(
-            f"absorption probes blocks.{layer}.hook_resid_post; this SAE reads "
-            f"{sae.cfg.hook_name}"
-        )
+    layer = _resid_post_layer(sae)
     sae = sae.to(dtype=model.cfg.dtype)
     config, words = _config_and_words(model, sae, settings, precalc, config_fields)
-    n_train = int(len(words) * 0.8)  # create_dataset_probe_training's split
     transform = sae_input_space(sae)
     space = sae.cfg.normalize_activations if transform else "raw"
     probes_dir = Path(probes_dir or _probe_dir(model, layer, words, config))
@@ -242,7 +204,7 @@ def run_absorption(
     cached = (
         probes_dir / model.cfg.model_name / f"layer_{layer}" / "probe.pth"
     ).exists()
-    k_sparse, raw, timings = _run_stages(
+    k_sparse, raw, timings = run_stages(
         model,
         sae,
         f"{RELEASE}_{sae_name}",
@@ -252,9 +214,55 @@ def run_absorption(
         cached,
         transform,
     )
+    info = _run_info(model, words, config, k_sparse, (probes_dir, cached), space)
+    if raw is None:
+        passing = info["letters_passing_probe_gate"]
+        info["status"] = (
+            f"not evaluated: {passing} letters have a ground-truth probe with F1 > "
+            f"{config.min_GT_probe_f1}, SAEBench needs {config.min_feats_for_eval}"
+        )
+        return {"path": None, "metrics": None, "tokens": info, "timings": timings}
+    info["absorption_prompts"] = len(raw)
+    info["absorption_tokens"] = len(raw) * info["prompt_tokens"]
+    info["status"] = "evaluated"
+    output = absorption_output(config, raw, k_sparse, sae, sae_name)
+    path = result_path(out_dir, sae_name)
+    output.to_json_file(str(path), indent=2)
+    add_provenance(path, {**info, "timings": timings})
+    return {
+        "path": str(path),
+        "metrics": asdict(output.eval_result_metrics),
+        "tokens": info,
+        "timings": timings,
+    }
+
+
+def _resid_post_layer(sae: SAE[Any]) -> int:
+    """The SAE's layer; absorption probes the residual stream after it."""
+    layer = sae.cfg.hook_layer
+    if sae.cfg.hook_name != f"blocks.{layer}.hook_resid_post":
+        raise EvalError(
+            f"absorption probes blocks.{layer}.hook_resid_post; this SAE reads "
+            f"{sae.cfg.hook_name}"
+        )
+    return layer
+
+
+def _run_info(
+    model: HookedTransformer,
+    words: list[str],
+    config: Any,
+    k_sparse: Any,
+    probes: tuple[Path, bool],
+    space: str,
+) -> dict[str, Any]:
+    """Word, prompt and token counts, where the probes are and which letters pass
+    SAEBench's ground-truth probe gate."""
+    probes_dir, cached = probes
+    n_train = int(len(words) * 0.8)  # create_dataset_probe_training's split
     passing = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
     prompt_tokens = len(model.to_tokens(_example_prompt(words, config))[0])
-    info: dict[str, Any] = {
+    return {
         "words": len(words),
         "train_words": n_train,
         "test_words": len(words) - n_train,
@@ -267,25 +275,6 @@ def run_absorption(
         "ground_truth_probe_f1": dict(
             zip(k_sparse["letter"], k_sparse["f1_probe"], strict=True)
         ),
-    }
-    if raw is None:
-        info["status"] = (
-            f"not evaluated: {passing} letters have a ground-truth probe with F1 > "
-            f"{config.min_GT_probe_f1}, SAEBench needs {config.min_feats_for_eval}"
-        )
-        return {"path": None, "metrics": None, "tokens": info, "timings": timings}
-    info["absorption_prompts"] = len(raw)
-    info["absorption_tokens"] = len(raw) * prompt_tokens
-    info["status"] = "evaluated"
-    output = absorption_output(config, raw, k_sparse, sae, sae_name)
-    path = result_path(out_dir, sae_name)
-    output.to_json_file(str(path), indent=2)
-    add_provenance(path, {**info, "timings": timings})
-    return {
-        "path": str(path),
-        "metrics": asdict(output.eval_result_metrics),
-        "tokens": info,
-        "timings": timings,
     }
 
 
@@ -318,58 +307,6 @@ def _config_and_words(
         precalc = n_train * sae.cfg.d_sae * sae.W_enc.element_size() <= PRECALC_BYTES
     config.precalc_k_sparse_probe_sae_acts = precalc
     return config, words
-
-
-def _run_stages(
-    model: HookedTransformer,
-    sae: SAE[Any],
-    name: str,
-    words: list[str],
-    config: Any,
-    dirs: tuple[Path, Path],
-    cached: bool,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> tuple[Any, Any, dict[str, float]]:
-    """The ground-truth probe (unless cached), k-sparse probing and absorption.
-
-    Each stage starts from the same seeding, whether or not a probe was trained, so
-    every SAE sees the same random draws. The absorption stage runs only when enough
-    letters pass the probe gate (else its result is None).
-
-    Returns:
-        The k-sparse probing table, the raw absorption results and stage timings.
-    """
-    out_dir, probes_dir = dirs
-    layer = sae.cfg.hook_layer
-    timings: dict[str, float] = {}
-    _seed_everything(config.random_seed)
-    with torch.enable_grad():
-        start = time.perf_counter()
-        with stop_after_layer(model, layer):
-            if not cached:
-                train_ground_truth_probe(model, layer, words, config, probes_dir)
-            timings["ground_truth_probe_s"] = time.perf_counter() - start
-            start = time.perf_counter()
-            _seed_everything(config.random_seed)
-            k_sparse = k_sparse_probing(model, sae, name, config, out_dir, probes_dir)
-        timings["k_sparse_probing_s"] = time.perf_counter() - start
-        passing = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
-        if passing < config.min_feats_for_eval:
-            return k_sparse, None, timings
-        start = time.perf_counter()
-        _seed_everything(config.random_seed)
-        with stop_after_layer(model, layer, transform):
-            raw = feature_absorption(
-                model, sae, name, config, words, out_dir, probes_dir
-            )
-        timings["feature_absorption_s"] = time.perf_counter() - start
-    return k_sparse, raw, timings
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _example_prompt(words: list[str], config: Any) -> str:

@@ -2,18 +2,24 @@
 
 The ground-truth probe, the k-sparse probing, the feature-absorption calculator (with
 the sampled word list as in-context examples) and the assembly of SAEBench's
-``AbsorptionEvalOutput``; :func:`sae_gba_evals.saebench.absorption.run_absorption`
-runs them in order.
+``AbsorptionEvalOutput``; :func:`run_stages` runs the first three in order with the
+forward passes stopped after the probed layer (:func:`stop_after_layer`), for
+:func:`sae_gba_evals.saebench.absorption.run_absorption`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import statistics
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from sae_gba_evals.saebench.common import RELEASE, saebench_version
@@ -197,3 +203,83 @@ def absorption_output(
         sae_lens_version=version("sae_lens"),
         sae_cfg_dict=sae.cfg.to_dict(),
     )
+
+
+@contextlib.contextmanager
+def stop_after_layer(
+    model: HookedTransformer,
+    layer: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Make ``model.run_with_cache`` stop after block ``layer`` (same activations there).
+
+    SAEBench's absorption stages read only ``blocks.{layer}.hook_resid_post`` but run
+    the whole model, unembedding included; this skips the rest. ``transform``, if
+    given, is applied to that cached activation (see :func:`sae_input_space`).
+    """
+    hook = f"blocks.{layer}.hook_resid_post"
+
+    def run_with_cache(*args: Any, **kwargs: Any) -> Any:
+        kwargs["stop_at_layer"] = layer + 1
+        out, cache = type(model).run_with_cache(model, *args, **kwargs)
+        if transform is not None and hook in cache.cache_dict:
+            cache.cache_dict[hook] = transform(cache.cache_dict[hook])
+        return out, cache
+
+    model.run_with_cache = run_with_cache
+    try:
+        yield
+    finally:
+        del model.run_with_cache
+
+
+def run_stages(
+    model: HookedTransformer,
+    sae: SAE[Any],
+    name: str,
+    words: list[str],
+    config: Any,
+    dirs: tuple[Path, Path],
+    cached: bool,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[Any, Any, dict[str, float]]:
+    """The ground-truth probe (unless cached), k-sparse probing and absorption.
+
+    Each stage starts from the same seeding, whether or not a probe was trained, so
+    every SAE sees the same random draws. The absorption stage runs only when enough
+    letters pass the probe gate (else its result is None).
+
+    Returns:
+        The k-sparse probing table, the raw absorption results and stage timings.
+    """
+    out_dir, probes_dir = dirs
+    layer = sae.cfg.hook_layer
+    timings: dict[str, float] = {}
+    seed_everything(config.random_seed)
+    with torch.enable_grad():
+        start = time.perf_counter()
+        with stop_after_layer(model, layer):
+            if not cached:
+                train_ground_truth_probe(model, layer, words, config, probes_dir)
+            timings["ground_truth_probe_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            seed_everything(config.random_seed)
+            k_sparse = k_sparse_probing(model, sae, name, config, out_dir, probes_dir)
+        timings["k_sparse_probing_s"] = time.perf_counter() - start
+        passing = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
+        if passing < config.min_feats_for_eval:
+            return k_sparse, None, timings
+        start = time.perf_counter()
+        seed_everything(config.random_seed)
+        with stop_after_layer(model, layer, transform):
+            raw = feature_absorption(
+                model, sae, name, config, words, out_dir, probes_dir
+            )
+        timings["feature_absorption_s"] = time.perf_counter() - start
+    return k_sparse, raw, timings
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -153,6 +153,38 @@ def recovery_by_frequency(
         One dict per bucket: ``low``, ``high``, ``count``, ``recovered_fraction`` and
         ``mean_best_cosine`` (both NaN for an empty bucket).
     """
+    _check_bucket_inputs(best_match, frequencies, threshold)
+    # Bucketing in the caller's dtype: a float32 0.01 must land in a bucket starting at 0.01.
+    dtype = torch.promote_types(frequencies.dtype, torch.float32)
+    frequencies = frequencies.to(dtype).cpu()
+    best_match = best_match.double().cpu()
+    edges = _bucket_edges(frequencies, n_buckets, bucket_edges)
+    n_out = edges.numel() - 1
+    lookup_edges = edges.to(dtype)
+    bucket = torch.searchsorted(lookup_edges, frequencies, right=True) - 1
+    bucket[frequencies == lookup_edges[-1]] = n_out - 1
+    report: list[dict[str, float]] = []
+    for index in range(n_out):
+        members = best_match[bucket == index]
+        count = members.numel()
+        report.append(
+            {
+                "low": float(edges[index]),
+                "high": float(edges[index + 1]),
+                "count": count,
+                "recovered_fraction": float((members > threshold).double().mean())
+                if count
+                else math.nan,
+                "mean_best_cosine": float(members.mean()) if count else math.nan,
+            }
+        )
+    return report
+
+
+def _check_bucket_inputs(
+    best_match: torch.Tensor, frequencies: torch.Tensor, threshold: float
+) -> None:
+    """Require two finite, non-empty 1-D tensors of one shape, frequencies > 0."""
     _check_threshold("threshold", threshold)
     for name, vector in (("best_match", best_match), ("frequencies", frequencies)):
         if (
@@ -177,10 +209,13 @@ def recovery_by_frequency(
         raise ValueError(
             f"frequencies must be > 0 for log-spaced buckets; got min {float(frequencies.min())}"
         )
-    # Bucketing in the caller's dtype: a float32 0.01 must land in a bucket starting at 0.01.
-    dtype = torch.promote_types(frequencies.dtype, torch.float32)
-    frequencies = frequencies.to(dtype).cpu()
-    best_match = best_match.double().cpu()
+
+
+def _bucket_edges(
+    frequencies: torch.Tensor, n_buckets: int, bucket_edges: Sequence[float] | None
+) -> torch.Tensor:
+    """float64 bucket edges: the given ones, checked, or ``n_buckets`` log-spaced
+    from the smallest to the largest frequency."""
     if bucket_edges is None:
         if not isinstance(n_buckets, int) or n_buckets < 1:
             raise ValueError(f"n_buckets must be an int >= 1; got {n_buckets!r}")
@@ -188,33 +223,14 @@ def recovery_by_frequency(
         log_edges = torch.linspace(math.log(low), math.log(high), n_buckets + 1)
         edges = log_edges.double().exp()
         edges[0], edges[-1] = low, high  # exact ends: the extremes stay inside
-    else:
-        edges = torch.tensor([float(e) for e in bucket_edges], dtype=torch.float64)
-        if edges.numel() < 2 or bool((edges <= 0).any() | (edges.diff() <= 0).any()):
-            raise ValueError(
-                "bucket_edges must be >= 2 strictly increasing positive values; "
-                f"got {list(bucket_edges)}"
-            )
-    n_out = edges.numel() - 1
-    lookup_edges = edges.to(dtype)
-    bucket = torch.searchsorted(lookup_edges, frequencies, right=True) - 1
-    bucket[frequencies == lookup_edges[-1]] = n_out - 1
-    report: list[dict[str, float]] = []
-    for index in range(n_out):
-        members = best_match[bucket == index]
-        count = members.numel()
-        report.append(
-            {
-                "low": float(edges[index]),
-                "high": float(edges[index + 1]),
-                "count": count,
-                "recovered_fraction": float((members > threshold).double().mean())
-                if count
-                else math.nan,
-                "mean_best_cosine": float(members.mean()) if count else math.nan,
-            }
+        return edges
+    edges = torch.tensor([float(e) for e in bucket_edges], dtype=torch.float64)
+    if edges.numel() < 2 or bool((edges <= 0).any() | (edges.diff() <= 0).any()):
+        raise ValueError(
+            "bucket_edges must be >= 2 strictly increasing positive values; "
+            f"got {list(bucket_edges)}"
         )
-    return report
+    return edges
 
 
 def cross_seed_consistency(

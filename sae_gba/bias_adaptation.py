@@ -177,34 +177,49 @@ def adapt_biases(
     """
     if step_unit == "scale":
         peak_preacts = peak_preacts - bias.to(peak_preacts)
+    peaks = peak_preacts.clamp(min=0)
+    targets = neuron_targets.to(firing_frequency)
+    over_active = firing_frequency > targets
+    dead = firing_frequency <= dead_threshold
+    group_mean = _group_mean_peaks(peak_preacts, neuron_groups, n_groups)
+    raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
+    if step_unit == "tail":
+        if window_tokens is None:
+            raise ValueError('step_unit="tail" needs window_tokens')
+        moved = over_active | (~dead & (firing_frequency < TAIL_BAND * targets))
+        step = _tail_gap(firing_frequency, targets, peaks, window_tokens).to(bias)
+        tail = torch.clamp(bias - gamma_minus * step, BIAS_MIN, BIAS_MAX)
+        return torch.where(moved, tail, torch.where(dead, raised, bias))
+    lowered = torch.clamp(bias - gamma_minus * peaks, min=BIAS_MIN)
+    return torch.where(over_active, lowered, torch.where(dead, raised, bias))
+
+
+def _group_mean_peaks(
+    peak_preacts: torch.Tensor, neuron_groups: torch.Tensor, n_groups: int
+) -> torch.Tensor:
+    """(n_groups,) mean positive peak per group, falling back as ``adapt_biases`` says."""
     positive = peak_preacts > 0
-    peaks = torch.where(positive, peak_preacts, torch.zeros_like(peak_preacts))
+    peaks = peak_preacts.clamp(min=0)
     group_sum = torch.zeros(n_groups, dtype=peaks.dtype, device=peaks.device)
     group_count = torch.zeros_like(group_sum)
     group_sum.index_add_(0, neuron_groups, peaks)
     group_count.index_add_(0, neuron_groups, positive.to(peaks.dtype))
     overall = peaks.sum() / positive.sum() if positive.any() else peaks.new_tensor(1.0)
-    group_mean = torch.where(
-        group_count > 0, group_sum / group_count.clamp(min=1), overall
-    )
+    return torch.where(group_count > 0, group_sum / group_count.clamp(min=1), overall)
 
-    targets = neuron_targets.to(firing_frequency)
-    over_active = firing_frequency > targets
-    dead = firing_frequency <= dead_threshold
-    raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
-    if step_unit == "tail":
-        if window_tokens is None:
-            raise ValueError('step_unit="tail" needs window_tokens')
-        # The window's count sets how many tail scales its margin peak spans.
-        count = (firing_frequency * window_tokens).clamp(min=1)
-        harmonic = count.log() + EULER_GAMMA + 0.5 / count
-        gap = (firing_frequency.clamp(min=1e-300) / targets).log()
-        moved = over_active | (~dead & (firing_frequency < TAIL_BAND * targets))
-        step = (peaks.to(gap) / harmonic * gap).to(bias)
-        tail = torch.clamp(bias - gamma_minus * step, BIAS_MIN, BIAS_MAX)
-        return torch.where(moved, tail, torch.where(dead, raised, bias))
-    lowered = torch.clamp(bias - gamma_minus * peaks, min=BIAS_MIN)
-    return torch.where(over_active, lowered, torch.where(dead, raised, bias))
+
+def _tail_gap(
+    firing_frequency: torch.Tensor,
+    targets: torch.Tensor,
+    peaks: torch.Tensor,
+    window_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Each neuron's bias gap to its target, ``ln(p / target)`` tail scales."""
+    # The window's count sets how many tail scales its margin peak spans.
+    count = (firing_frequency * window_tokens).clamp(min=1)
+    harmonic = count.log() + EULER_GAMMA + 0.5 / count
+    gap = (firing_frequency.clamp(min=1e-300) / targets).log()
+    return peaks.to(gap) / harmonic * gap
 
 
 @torch.no_grad()

@@ -57,6 +57,7 @@ from sae_gba.gba_config import (  # noqa: F401 (public names, defined there)
 )
 from sae_gba.gba_forward import _GBAForward
 from sae_gba.gba_window import COUNTER_STATE, WINDOW_BUFFERS, _GBAWindow
+from sae_gba.relative_loss import relative_token_weights
 
 # The native parameters and buffers, replaced by the JumpReLU form on export.
 GBA_PARAMETERS = (
@@ -166,6 +167,11 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
         # Per-dimension squared errors through SAELens's mse_loss_fn hook, so a
         # weighted subclass (sae_gba.weighted_sae) can weight them.
         squared_error = self.mse_loss_fn(processed_out, processed_in)
+        if self.cfg.relative_loss:
+            mean_square = scale.square() + self.b_dec.detach().float().square().sum()
+            squared_error = squared_error * relative_token_weights(
+                processed_in, mean_square
+            )
         mse_loss = 0.5 * (squared_error / scale.square()).sum(dim=-1).mean()
         sae_out = self.reshape_fn_out(
             self.run_time_activation_norm_fn_out(processed_out), self.d_head

@@ -477,3 +477,41 @@ def test_adaptation__equals_the_pure_rule_on_the_same_window(
     assert not torch.allclose(sae.gate_bias, swapped, rtol=1e-3, atol=1e-4)
     assert torch.equal(sae.last_window_tokens, torch.full((32,), 128))
     assert torch.equal(sae.last_window_fire_counts, (y > 0).sum(0))
+
+
+def test_relative_loss__large_tokens_count_by_their_relative_error():
+    x = _synthetic(256) * torch.logspace(0, 1, 256)[:, None]
+    torch.manual_seed(0)
+    sae = GBATrainingSAE(GBATrainingSAEConfig(d_in=16, d_sae=32))
+    assert sae.cfg.relative_loss  # the default
+    output = sae.training_forward_pass(_step_input(x))
+    scale = sae.input_scale
+    mean_square = scale**2 + sae.b_dec.pow(2).sum()
+    # the first batch fixes the reference: its mean squared norm
+    assert mean_square == pytest.approx(x.pow(2).sum(-1).mean().item(), rel=1e-4)
+    weights = (mean_square / x.pow(2).sum(-1)).clamp(max=1)
+    assert 0.05 < weights.min() < 0.5 and weights.max() == 1
+    squared = (output.sae_out - x).pow(2).sum(-1)
+    by_hand = 0.5 * (weights * squared).mean() / scale**2
+    assert output.loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    plain = GBATrainingSAE(GBATrainingSAEConfig(d_in=16, d_sae=32, relative_loss=False))
+    plain.load_state_dict(sae.state_dict())
+    plain_loss = plain.training_forward_pass(_step_input(x)).loss
+    assert plain_loss.item() == pytest.approx(
+        (0.5 * squared.mean() / scale**2).item(), rel=1e-5
+    )
+
+
+def test_relative_loss__no_change_on_tokens_of_one_norm():
+    x = _synthetic(256) * torch.logspace(0, 1, 256)[:, None]
+    losses = []
+    for relative in (True, False):
+        torch.manual_seed(0)
+        cfg = GBATrainingSAEConfig(
+            d_in=16,
+            d_sae=32,
+            relative_loss=relative,
+            normalize_activations="constant_norm_rescale",
+        )
+        losses.append(GBATrainingSAE(cfg).training_forward_pass(_step_input(x)).loss)
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)

@@ -248,8 +248,10 @@ def test_loss__weighted_mse_by_hand_and_every_other_term_as_the_base(base):
     out = sae.training_forward_pass(_step_input(x))
     reference = plain.training_forward_pass(_step_input(x))
     squared = gamma.square() * (out.sae_out - x).square()
-    if base == "gba":  # GBA's loss: 0.5 |out - in|^2 / c^2
-        expected = 0.5 * (squared / sae.input_scale.square()).sum(-1).mean()
+    if base == "gba":  # GBA's loss: 0.5 |out - in|^2 / c^2, relative per token
+        mean_square = sae.input_scale.square() + sae.b_dec.square().sum()
+        tokens = (mean_square / x.square().sum(-1, keepdim=True)).clamp(max=1)
+        expected = 0.5 * (tokens * squared / sae.input_scale.square()).sum(-1).mean()
     else:
         expected = squared.sum(-1).mean()
     assert torch.allclose(out.losses["mse_loss"], expected, rtol=1e-5)

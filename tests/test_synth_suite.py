@@ -1,14 +1,27 @@
 """The recovery suite: its data families against their settings, the method rules,
-and a seconds-long end-to-end run of ``sae-gba synth suite``."""
+a seconds-long end-to-end run of ``sae-gba synth suite``, and a seconds-long recovery
+run of the default GBA config on a small long tail."""
 
+import contextlib
+import io
 import json
 import math
 
 import pytest
 import torch
+from sae_lens.config import LoggingConfig
+from sae_lens.synthetic import (
+    SyntheticModel,
+    SyntheticModelConfig,
+    SyntheticSAERunner,
+    SyntheticSAERunnerConfig,
+    ZipfianFiringProbabilityConfig,
+)
 from sae_lens.util import temporary_seed
 
 from sae_gba.cli import main
+from sae_gba.gba_sae import PAPER_RECIPE, GBATrainingSAEConfig
+from sae_gba.recovery import best_match_cosine
 from sae_gba_evals.suite.families import FAMILIES, hierarchy_groups, true_frequencies
 from sae_gba_evals.suite.methods import METHODS, method_k, parse_gba_overrides
 from sae_gba_evals.suite.suite import scaling, suite, write_result
@@ -186,3 +199,52 @@ def test_scaling_small__width_and_n_sweeps_against_the_better_topk() -> None:
         best = max(runs["topk_k1"]["frr@0.9"], runs["topk_k2"]["frr@0.9"])
         assert cell["best_topk_frr@0.9"] == best
         assert cell["gba_default_frr@0.9"] == runs["gba_default"]["frr@0.9"]
+
+
+def _long_tail_recovery(recipe: dict) -> tuple[float, float]:
+    """FRR@0.9 (all, rarest third) of GBA trained by SyntheticSAERunner on a small
+    long tail: 32 features in 24 dimensions, Zipfian frequencies 0.2 down to 0.01."""
+    firing = ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.2, min_prob=0.01)
+    model_cfg = SyntheticModelConfig(
+        num_features=32,
+        hidden_dim=24,
+        firing_probability=firing,
+        std_firing_magnitudes=0.25,
+        mean_firing_magnitudes=1.0,
+        seed=0,
+    )
+    model = SyntheticModel(model_cfg)
+    cfg = SyntheticSAERunnerConfig(
+        synthetic_model=model_cfg,
+        sae=GBATrainingSAEConfig(d_in=24, d_sae=128, **recipe),
+        training_samples=600 * 256,
+        batch_size=256,
+        lr=3e-3,
+        checkpoint_path=None,
+        output_path=None,
+        run_final_eval=False,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    torch.manual_seed(1)
+    runner = SyntheticSAERunner(cfg, override_synthetic_model=model)
+    with contextlib.redirect_stderr(io.StringIO()):  # the trainer's progress bar
+        sae = runner.run().sae
+    features = model.feature_dict.feature_vectors.detach()
+    best = best_match_cosine(sae.W_dec.detach().float(), features)
+    rarest = model.activation_generator.firing_probabilities.argsort()[:10]
+    return float((best > 0.9).double().mean()), float(
+        (best[rarest] > 0.9).double().mean()
+    )
+
+
+def test_default_config__recovers_a_small_long_tail_rarest_third_included() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small products: threads only contend
+    try:
+        overall, rare = _long_tail_recovery({})
+        paper = _long_tail_recovery(PAPER_RECIPE)
+    finally:
+        torch.set_num_threads(threads)
+    assert overall >= 0.6 and rare >= 0.5  # measured 0.72 and 0.70
+    # the paper's literal recipe recovers none of it: the run can tell them apart
+    assert max(paper) <= 0.2

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 import sae_gba  # noqa: F401  (registers gba and weighted_gba)
 from sae_gba.atomic import write_text_atomically
-from sae_gba.bias_adaptation import quantile_biases
+from sae_gba.bias_adaptation import BIAS_MIN, quantile_biases
 from sae_gba.fast_step import fast_step_enabled
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.training import TensorDataProvider, make_trainer
@@ -124,14 +124,23 @@ def settle_gate_biases(sae: GBATrainingSAE, x: torch.Tensor, chunk: int = 1024) 
 
     That is the state bias adaptation steers towards, reached at once with the rule's
     own :func:`~sae_gba.bias_adaptation.quantile_biases`, ``chunk`` neurons at a time.
+    The bias goes midway between the last projection it opens and the first it
+    leaves closed (below the largest where it opens none): at the closed one itself,
+    the step's renormalisation of the directions would flip about half of them open.
     """
     c = sae.input_scale.to(x)
     x_c = (x - sae.pre_bias * c) / c
     w = sae.directions / sae.directions.norm(dim=1, keepdim=True)
     targets = sae.neuron_targets()
+    none_open = targets * x.shape[0] < 1
     for start in range(0, sae.cfg.d_sae, chunk):
         block = slice(start, start + chunk)
-        sae.gate_bias[block] = quantile_biases(x_c @ w[block].T, targets[block])
+        preacts = x_c @ w[block].T
+        closed = quantile_biases(preacts, targets[block])
+        opened = quantile_biases(preacts, targets[block] - 1 / x.shape[0])
+        midway = (closed + opened) / 2
+        below = (closed - 1e-3).clamp(min=BIAS_MIN)
+        sae.gate_bias[block] = torch.where(none_open[block], below, midway)
 
 
 @torch.no_grad()

@@ -83,7 +83,8 @@ class _SparseRun(NamedTuple):
     start: int
     stop: int
     token_rows: torch.Tensor  # (batch + 1,) offsets of each token's pairs
-    neurons: torch.Tensor  # each pair's neuron, token-major
+    tokens: torch.Tensor  # each pair's token, token-major
+    neurons: torch.Tensor  # each pair's neuron (within the run), token-major
     values: torch.Tensor  # each pair's z, token-major
     by_neuron: torch.Tensor  # (run, batch) CSR of z^T, for R and dL/dw
 
@@ -123,20 +124,20 @@ def plan_runs(
 
 
 def _sparse_run(
-    z: torch.Tensor, gate: torch.Tensor, start: int, stop: int
+    u: torch.Tensor, gate: torch.Tensor, start: int, stop: int
 ) -> _SparseRun:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return _build_sparse_run(z, gate, start, stop)
+        return _build_sparse_run(u, gate, start, stop)
 
 
 def _build_sparse_run(
-    z: torch.Tensor, gate: torch.Tensor, start: int, stop: int
+    u: torch.Tensor, gate: torch.Tensor, start: int, stop: int
 ) -> _SparseRun:
     token, neuron = gate[:, start:stop].nonzero(as_tuple=True)
-    values = z[:, start:stop][token, neuron]
+    values = u[:, start:stop][token, neuron]  # z = u where the gate is open
     n_tokens, width = gate.shape[0], stop - start
-    token_rows = torch.zeros(n_tokens + 1, dtype=torch.int64, device=z.device)
+    token_rows = torch.zeros(n_tokens + 1, dtype=torch.int64, device=u.device)
     token_rows[1:] = torch.bincount(token, minlength=n_tokens).cumsum(0)
     by_token = torch.sparse_csr_tensor(
         token_rows, neuron, values, (n_tokens, width), check_invariants=False
@@ -147,7 +148,7 @@ def _build_sparse_run(
         by_column.ccol_indices(), by_column.row_indices(), by_column.values(),
         (width, n_tokens), check_invariants=False,
     )  # fmt: skip
-    return _SparseRun(start, stop, token_rows, neuron, values, by_neuron)
+    return _SparseRun(start, stop, token_rows, token, neuron, values, by_neuron)
 
 
 class _TiedGatedAutoencoder(torch.autograd.Function):
@@ -171,16 +172,18 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         x_c = x - b_pre
         u = x_c @ w.T
         gate = u > threshold
-        z = u * gate
-        # Summing bytes into int32 is ~7x faster on CPU than summing bools.
-        counts = gate.view(torch.uint8).sum(dim=0, dtype=torch.int32).long()
+        counts = _column_counts(gate).long()
         use_csr = x.device.type == "cpu" and x.dtype in _CSR_DTYPES
         runs = plan_runs(counts, x.shape[0], block, max_density if use_csr else -1.0)
         x_hat = b_pre.expand_as(x).clone()
+        # z = u * gate, written run by run: sparse runs scatter their open pairs into
+        # zeros (a float-by-bool product over the whole width costs several passes).
+        z = torch.zeros_like(u)
         sparse_runs = []
         for start, stop, sparse in runs:
             if sparse:
-                run = _sparse_run(z, gate, start, stop)
+                run = _sparse_run(u, gate, start, stop)
+                z[:, start:stop][run.tokens, run.neurons] = run.values
                 sparse_runs.append(run)
                 # Each token's open rows of w, summed with weights z * a.
                 weights = run.values * output_scale[start:stop][run.neurons]
@@ -189,6 +192,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                     per_sample_weights=weights, include_last_offset=True,
                 )  # fmt: skip
             else:
+                torch.mul(u[:, start:stop], gate[:, start:stop], out=z[:, start:stop])
                 scaled_w = output_scale[start:stop, None] * w[start:stop]
                 x_hat.addmm_(z[:, start:stop], scaled_w)
         ctx.runs = runs
@@ -257,6 +261,21 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(dim=1)`` without the (rows x d_in) temporary."""
     return torch.einsum("md,md->m", a, b)
+
+
+def _column_counts(gate: torch.Tensor) -> torch.Tensor:
+    """``gate.sum(dim=0)`` (int32), from byte sums over groups of 255 rows.
+
+    A uint8 sum cannot overflow within a group, and summing bytes into bytes is
+    vectorised where summing them into int32 is not: ~50x faster on CPU.
+    """
+    rows = gate.view(torch.uint8)
+    grouped = rows.shape[0] - rows.shape[0] % 255
+    counts = rows[grouped:].sum(dim=0, dtype=torch.int32)
+    if grouped:
+        groups = rows[:grouped].view(-1, 255, rows.shape[1]).sum(1, dtype=torch.uint8)
+        counts += groups.sum(dim=0, dtype=torch.int32)
+    return counts
 
 
 def _segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

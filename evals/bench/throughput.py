@@ -174,7 +174,9 @@ class Method(NamedTuple):
 
 def _trainer_step(sae: Any, data: torch.Tensor, batch: int) -> Callable:
     """SAELens's trainer step on ``sae`` (the first step is run here)."""
-    trainer = make_trainer(sae, iter(()), total_tokens=batch * 10**6, batch_size=batch)
+    trainer = make_trainer(
+        sae, iter(()), total_tokens=batch * 10**6, batch_size=batch, lr=LR
+    )
 
     def step(x: torch.Tensor) -> torch.Tensor:
         output = trainer.step(x)

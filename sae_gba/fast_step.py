@@ -226,8 +226,9 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 r_open = torch.sparse.sampled_addmm(
                     run.by_neuron, w_run, grad_t, beta=0.0
                 )
-                torch.mm(run.by_neuron, grad, out=grad_w_run)
-                grad_w_run.addmm_(r_open, x_c)
+                # In place: torch.mm(sparse, out=) fills a zeroed temporary and
+                # copies it over, five times the product's own time.
+                grad_w_run.zero_().addmm_(run.by_neuron, grad).addmm_(r_open, x_c)
                 # Per neuron, sums over its open pairs (P values, not width x d_in):
                 # dL/da = sum of z * R, as R = G w^T there.
                 rows, r_values = run.by_neuron.crow_indices(), r_open.values()

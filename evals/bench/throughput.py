@@ -203,8 +203,8 @@ def match_gba_target(
     """A GBA SAE whose settled gates open ``l0`` latents per token, within 10%.
 
     Starts from ``target_l0 = l0`` and rescales it by point / measured (the floors
-    of ``p * batch`` and the dead rare groups move the measured L0 off the sum of
-    targets) until the L0 of the settled gates on a batch lands.
+    of ``p * batch``, which close the rare groups, move the measured L0 off the sum
+    of targets) until the L0 of the settled gates on a batch lands.
 
     Returns:
         (sae, its trainer step, target_l0, the L0 measured on the trial batch).
@@ -224,7 +224,8 @@ def match_gba_target(
         tried.append((target, measured))
         if abs(measured - l0) <= L0_TOLERANCE * l0:
             return sae, step, target, measured
-        target *= l0 / max(measured, 1e-3)
+        # At most 4x a try: where p * batch < 1 in every group nothing opens at all.
+        target *= min(max(l0 / max(measured, 1e-3), 0.25), 4.0)
     raise ValueError(
         f"{arch} at {shape}: no target_l0 landed within {L0_TOLERANCE:.0%} of L0 "
         f"{l0} (tried (target_l0, L0): {tried})"

@@ -46,9 +46,10 @@ FAST_STEP_ENV = "SAE_GBA_FAST_STEP"
 # Neurons per block when choosing dense or sparse products.
 BLOCK = 256
 # Densest gate (open fraction of a block's (token, neuron) pairs) given sparse
-# products. On an AMD EPYC core (MKL, d_in 640) the four sparse products and their
-# setup cost 0.7-1 us per open pair against 70-80 ns per pair for the four dense
-# ones, so sparse wins below ~8-10%; 5% leaves a margin.
+# products. On an AMD EPYC core (MKL, d_in 640) four CSR products and their setup
+# cost 0.7-1 us per open pair against 70-80 ns per pair for the four dense ones, so
+# sparse won below ~8-10%; 5% leaves a margin. The embedding_bag decode since is
+# cheaper per pair, which can only move the break-even up (not re-measured).
 MAX_SPARSE_DENSITY = 0.05
 # torch.sparse CSR products and embedding_bag run on CPU in these dtypes.
 _CSR_DTYPES = (torch.float32, torch.float64)

@@ -11,7 +11,9 @@ from sae_gba_evals.bench.throughput import (
     METHODS,
     SHAPES,
     match_gba_target,
+    predict_gba_target,
     run_throughput,
+    settled_l0,
     sparsify_available,
     synthetic_activations,
 )
@@ -80,8 +82,8 @@ def test_throughput_bench__without_sparsify_says_how_to_add_it(tmp_path, monkeyp
 
 @pytest.mark.parametrize(("arch", "l0"), [("gba", 64), ("weighted_gba", 100)])
 def test_match_gba_target__lands_within_10_percent(arch, l0):
-    """At L0 100 of 1,024 latents and 256 tokens the floors of p * batch leave the
-    first target 11% short: the matcher raises it."""
+    """At L0 100 of 1,024 latents over d_in 16 the bias clamp holds the first group
+    below its target: the measurement corrects the floors' prediction."""
     shape = (16, 1024, 256)
     data = synthetic_activations(8 * shape[2], shape[0])
     sae, _, target, trial = match_gba_target(arch, shape, l0, data)
@@ -89,7 +91,23 @@ def test_match_gba_target__lands_within_10_percent(arch, l0):
     with torch.no_grad():
         assert abs((sae.encode(x) != 0).sum(-1).double().mean() - l0) <= 0.1 * l0
     assert abs(trial - l0) <= 0.1 * l0
-    assert (target > l0) == (l0 == 100)
+    assert target > l0
+
+
+@pytest.mark.parametrize("l0", [32, 128])
+def test_predict_gba_target__sets_the_target_so_the_floors_land_on_the_point(l0):
+    """Settled gates open each latent on floor(p * batch) tokens, below p * batch."""
+    shape = (640, 4096, 1024)
+    target = predict_gba_target("gba", shape, l0)
+    assert settled_l0("gba", *shape, l0) < 0.99 * l0 < l0 < target
+    assert abs(settled_l0("gba", *shape, target) - l0) <= 0.01 * l0
+
+
+def test_match_gba_target__a_point_between_two_floor_steps_is_named():
+    shape = (16, 4096, 32)  # one token more in a group of 410 latents: L0 + 12.8
+    data = synthetic_activations(8 * shape[2], shape[0])
+    with pytest.raises(ValueError, match="no target_l0 landed within 10% of L0 8"):
+        match_gba_target("gba", shape, 8, data)
 
 
 def test_match_gba_target__out_of_reach_names_the_target():

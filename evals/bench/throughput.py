@@ -44,7 +44,12 @@ from tqdm.auto import tqdm
 
 import sae_gba  # noqa: F401  (registers gba and weighted_gba)
 from sae_gba.atomic import write_text_atomically
-from sae_gba.bias_adaptation import BIAS_MIN, quantile_biases
+from sae_gba.bias_adaptation import (
+    BIAS_MIN,
+    group_index,
+    quantile_biases,
+    target_frequencies,
+)
 from sae_gba.fast_step import fast_step_enabled
 from sae_gba.gba_sae import GBATrainingSAE
 from sae_gba.training import TensorDataProvider, make_trainer
@@ -82,7 +87,7 @@ BATCHES_OF_DATA = 8
 LR = 3e-4
 # The measured L0 must land within this fraction of the point.
 L0_TOLERANCE = 0.1
-MATCH_TRIES = 8
+MATCH_TRIES = 4
 
 
 def synthetic_activations(n_rows: int, d_in: int, seed: int = 0) -> torch.Tensor:
@@ -197,23 +202,61 @@ def _saelens_sae(arch: str, d_in: int, d_sae: int, data: torch.Tensor, **fields:
     return sae
 
 
+def settled_l0(arch: str, d_in: int, d_sae: int, batch: int, target_l0: float) -> float:
+    """The L0 that gates settled on ``batch`` tokens give with this ``target_l0``.
+
+    :func:`settle_gate_biases` opens each neuron on ``floor(p * batch)`` tokens (bias
+    clamps aside), so the L0 moves in steps of a group's size over ``batch``.
+    """
+    cfg = SAE_TRAINING_CLASS_REGISTRY[arch][1](
+        d_in=d_in, d_sae=d_sae, target_l0=target_l0
+    )
+    groups = target_frequencies(cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq)
+    targets = groups[group_index(d_sae, cfg.n_groups)]
+    opened = (targets * batch).floor().clamp(max=batch - 1)
+    return float(opened.sum()) / batch
+
+
+def predict_gba_target(arch: str, shape: Shape, l0: float) -> float:
+    """The ``target_l0`` whose :func:`settled_l0` is nearest ``l0`` (bisection).
+
+    The settled L0 never exceeds the target (floors), and rises with it.
+    """
+    d_in, d_sae, batch = shape
+
+    def at(target: float) -> float:
+        try:
+            return settled_l0(arch, d_in, d_sae, batch, target)
+        except ValueError:  # out of the config's reach
+            return math.inf
+
+    lo, hi = float(l0), float(l0)
+    while at(hi) < l0 and hi < d_sae:
+        lo, hi = hi, hi * 2
+    for _ in range(25):  # the target to 2^-25 of its bracket's log-width
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if at(mid) < l0 else (lo, mid)
+    return min((lo, hi), key=lambda t: abs(at(t) - l0))
+
+
 def match_gba_target(
     arch: str, shape: Shape, l0: float, data: torch.Tensor
 ) -> tuple[Any, Callable, float, float]:
     """A GBA SAE whose settled gates open ``l0`` latents per token, within 10%.
 
-    Starts from ``target_l0 = l0`` and rescales it by point / measured (the floors
-    of ``p * batch``, which close the rare groups, move the measured L0 off the sum
-    of targets) until the L0 of the settled gates on a batch lands.
+    Starts from :func:`predict_gba_target` and, where the bias clamps move the
+    measured L0 off the prediction, rescales the target by point / measured until
+    the L0 of the settled gates on a batch lands.
 
     Returns:
         (sae, its trainer step, target_l0, the L0 measured on the trial batch).
 
     Raises:
-        ValueError: no target within ``MATCH_TRIES`` tries lands within 10%.
+        ValueError: no target within ``MATCH_TRIES`` tries lands within 10% (at a
+            small batch, one token of a group's floor can move the L0 by more).
     """
     d_in, d_sae, batch = shape
-    target, tried = float(l0), []
+    target, tried = predict_gba_target(arch, shape, l0), []
     for _ in range(MATCH_TRIES):
         sae = _saelens_sae(arch, d_in, d_sae, data, target_l0=target)
         step = _trainer_step(sae, data, batch)
@@ -224,7 +267,7 @@ def match_gba_target(
         tried.append((target, measured))
         if abs(measured - l0) <= L0_TOLERANCE * l0:
             return sae, step, target, measured
-        # At most 4x a try: where p * batch < 1 in every group nothing opens at all.
+        # At most 4x a try: where every group's p * batch < 1 nothing opens at all.
         target *= min(max(l0 / max(measured, 1e-3), 0.25), 4.0)
     raise ValueError(
         f"{arch} at {shape}: no target_l0 landed within {L0_TOLERANCE:.0%} of L0 "

@@ -14,6 +14,7 @@ only where the gate is open:
 
     dL/dw = a * (z^T G + (R * gate)^T x_c)       the decoder and encoder roles
     dL/da = rowsum(w * z^T G)                     reuses z^T G: no product
+          = sum over each neuron's open pairs of z * R
     dL/dpre_bias = c * (colsum(G) - (a * colsum(R * gate)) w)
     dL/ddirections = (dL/dw - w * rowsum(w * dL/dw)) / |directions|
 
@@ -21,10 +22,14 @@ That is still five (batch x d_in x d_sae) products: the encoder ``x_c w^T``, the
 decode, ``R`` and the two terms of ``dL/dw``. The encoder must be dense (every ``u``
 decides its gate), but the other four only involve open pairs. So neurons are taken
 in blocks of ``block``, and a block whose gate is open on at most ``max_density`` of
-its (token, neuron) pairs runs those four as CSR products over its open pairs (GBA's
-low-frequency groups once bias adaptation has brought them to target: 8% of pairs
-open on average with the default targets, against 50% at initialisation). Denser
-blocks use dense products on strided views of the full tensors (no copies).
+its (token, neuron) pairs runs those four over its open pairs only (GBA's
+low-frequency groups once bias adaptation has brought them to target, and every
+group at L0 32-128 of thousands of latents): the decode as sparsify does it, an
+``embedding_bag`` of each token's open rows of ``w`` weighted by ``z * a``; ``R`` as
+a CSR-sampled product at the open pairs; ``dL/dw`` as two CSR products of the
+neuron-major open pairs (no (pairs x d_in) intermediate); ``dL/da`` and the
+``pre_bias`` term as per-neuron sums over the pairs. Denser blocks use dense
+products on strided views of the full tensors (no copies).
 
 ``tests/test_fast_step.py`` checks values and gradients against autograd on the plain
 formula. ``SAE_GBA_FAST_STEP=0`` makes ``GBATrainingSAE`` use that plain formula.
@@ -35,16 +40,18 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 FAST_STEP_ENV = "SAE_GBA_FAST_STEP"
-# Neurons per block when choosing dense or CSR products.
+# Neurons per block when choosing dense or sparse products.
 BLOCK = 256
-# Densest gate (open fraction of a block's (token, neuron) pairs) given CSR products.
-# On an AMD EPYC core (MKL, d_in 640) the four CSR products and their setup cost
-# 0.7-1 us per open pair against 70-80 ns per pair for the four dense ones, so CSR
-# wins below ~8-10%; 5% leaves a margin.
+# Densest gate (open fraction of a block's (token, neuron) pairs) given sparse
+# products. On an AMD EPYC core (MKL, d_in 640) four CSR products and their setup
+# cost 0.7-1 us per open pair against 70-80 ns per pair for the four dense ones, so
+# sparse won below ~8-10%; 5% leaves a margin. The embedding_bag decode since is
+# cheaper per pair, which can only move the break-even up (not re-measured).
 MAX_SPARSE_DENSITY = 0.05
-# torch.sparse CSR products run on CPU in these dtypes.
+# torch.sparse CSR products and embedding_bag run on CPU in these dtypes.
 _CSR_DTYPES = (torch.float32, torch.float64)
 
 
@@ -72,12 +79,15 @@ class FusedOutput(NamedTuple):
 
 
 class _SparseRun(NamedTuple):
-    """The open pairs of neurons ``[start, stop)`` as CSR tensors of both orientations."""
+    """The open pairs of neurons ``[start, stop)``, listed by token and by neuron."""
 
     start: int
     stop: int
-    by_token: torch.Tensor  # (batch, run) CSR of z, for the decode
-    by_neuron: torch.Tensor  # (run, batch) CSR of z^T, for dL/dw
+    token_rows: torch.Tensor  # (batch + 1,) offsets of each token's pairs
+    tokens: torch.Tensor  # each pair's token, token-major
+    neurons: torch.Tensor  # each pair's neuron (within the run), token-major
+    values: torch.Tensor  # each pair's z, token-major
+    by_neuron: torch.Tensor  # (run, batch) CSR of z^T, for R and dL/dw
 
 
 def plan_runs(
@@ -115,33 +125,31 @@ def plan_runs(
 
 
 def _sparse_run(
-    z: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, start: int, stop: int
+    u: torch.Tensor, gate: torch.Tensor, start: int, stop: int
 ) -> _SparseRun:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return _build_sparse_run(z, gate, counts, start, stop)
+        return _build_sparse_run(u, gate, start, stop)
 
 
 def _build_sparse_run(
-    z: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, start: int, stop: int
+    u: torch.Tensor, gate: torch.Tensor, start: int, stop: int
 ) -> _SparseRun:
     token, neuron = gate[:, start:stop].nonzero(as_tuple=True)
-    values = z[:, start:stop][token, neuron]
+    values = u[:, start:stop][token, neuron]  # z = u where the gate is open
     n_tokens, width = gate.shape[0], stop - start
-    token_rows = torch.zeros(n_tokens + 1, dtype=torch.int64, device=z.device)
+    token_rows = torch.zeros(n_tokens + 1, dtype=torch.int64, device=u.device)
     token_rows[1:] = torch.bincount(token, minlength=n_tokens).cumsum(0)
     by_token = torch.sparse_csr_tensor(
         token_rows, neuron, values, (n_tokens, width), check_invariants=False
     )
-    # nonzero lists pairs token-major; a stable sort by neuron gives neuron-major.
-    order = torch.sort(neuron, stable=True).indices
-    neuron_rows = torch.zeros(width + 1, dtype=torch.int64, device=z.device)
-    neuron_rows[1:] = counts[start:stop].cumsum(0)
+    # The CSC of z is the CSR of z^T.
+    by_column = by_token.to_sparse_csc()
     by_neuron = torch.sparse_csr_tensor(
-        neuron_rows, token[order], values[order], (width, n_tokens),
-        check_invariants=False,
+        by_column.ccol_indices(), by_column.row_indices(), by_column.values(),
+        (width, n_tokens), check_invariants=False,
     )  # fmt: skip
-    return _SparseRun(start, stop, by_token, by_neuron)
+    return _SparseRun(start, stop, token_rows, token, neuron, values, by_neuron)
 
 
 class _TiedGatedAutoencoder(torch.autograd.Function):
@@ -165,21 +173,29 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         x_c = x - b_pre
         u = x_c @ w.T
         gate = u > threshold
-        z = u * gate
-        # Summing bytes into int32 is ~7x faster on CPU than summing bools.
-        counts = gate.view(torch.uint8).sum(dim=0, dtype=torch.int32).long()
-        scaled_w = output_scale[:, None] * w
+        counts = _column_counts(gate).long()
         use_csr = x.device.type == "cpu" and x.dtype in _CSR_DTYPES
         runs = plan_runs(counts, x.shape[0], block, max_density if use_csr else -1.0)
         x_hat = b_pre.expand_as(x).clone()
+        # z = u * gate, written run by run: sparse runs scatter their open pairs into
+        # zeros (a float-by-bool product over the whole width costs several passes).
+        z = torch.zeros_like(u)
         sparse_runs = []
         for start, stop, sparse in runs:
             if sparse:
-                run = _sparse_run(z, gate, counts, start, stop)
+                run = _sparse_run(u, gate, start, stop)
+                z[:, start:stop][run.tokens, run.neurons] = run.values
                 sparse_runs.append(run)
-                x_hat.addmm_(run.by_token, scaled_w[start:stop])
+                # Each token's open rows of w, summed with weights z * a.
+                weights = run.values * output_scale[start:stop][run.neurons]
+                x_hat += F.embedding_bag(
+                    run.neurons, w[start:stop], run.token_rows, mode="sum",
+                    per_sample_weights=weights, include_last_offset=True,
+                )  # fmt: skip
             else:
-                x_hat.addmm_(z[:, start:stop], scaled_w[start:stop])
+                torch.mul(u[:, start:stop], gate[:, start:stop], out=z[:, start:stop])
+                scaled_w = output_scale[start:stop, None] * w[start:stop]
+                x_hat.addmm_(z[:, start:stop], scaled_w)
         ctx.runs = runs
         ctx.sparse_runs = sparse_runs
         ctx.save_for_backward(x_c, w, norms, output_scale, input_scale, z, gate)
@@ -197,7 +213,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         grad = grad_x_hat.contiguous()
         need_dir, need_scale, need_pre = ctx.needs_input_grad[1:4]
         # grad_w accumulates, per run of neurons, z^T G and then (R * gate)^T x_c:
-        # dL/dw / a. In between, dL/da = rowsum(w * z^T G) is read off it.
+        # dL/dw / a. In dense runs dL/da = rowsum(w * z^T G) is read off it in between.
         grad_w = torch.empty_like(w)
         grad_scale = w.new_empty(w.shape[0]) if need_scale else None
         r_sum = w.new_empty(w.shape[0]) if need_pre else None
@@ -211,21 +227,26 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 r_open = torch.sparse.sampled_addmm(
                     run.by_neuron, w_run, grad_t, beta=0.0
                 )
-                torch.mm(run.by_neuron, grad, out=grad_w_run)
-                r_x = (r_open, x_c)
+                # In place: torch.mm(sparse, out=) fills a zeroed temporary and
+                # copies it over, five times the product's own time.
+                grad_w_run.zero_().addmm_(run.by_neuron, grad).addmm_(r_open, x_c)
+                # Per neuron, sums over its open pairs (P values, not width x d_in):
+                # dL/da = sum of z * R, as R = G w^T there.
+                rows, r_values = run.by_neuron.crow_indices(), r_open.values()
+                if grad_scale is not None:
+                    z_r = run.by_neuron.values() * r_values
+                    grad_scale[start:stop] = _segment_sums(z_r, rows)
                 if r_sum is not None:
-                    ones = grad.new_ones(grad.shape[0], 1)
-                    r_sum[start:stop] = (r_open @ ones).squeeze(1)
+                    r_sum[start:stop] = _segment_sums(r_values, rows)
             else:
                 r_open = grad @ w_run.T
                 r_open.mul_(gate[:, start:stop])
                 torch.mm(z[:, start:stop].T, grad, out=grad_w_run)
-                r_x = (r_open.T, x_c)
                 if r_sum is not None:
                     r_sum[start:stop] = r_open.sum(dim=0)
-            if grad_scale is not None:
-                grad_scale[start:stop] = _row_dots(w_run, grad_w_run)
-            grad_w_run.addmm_(*r_x)
+                if grad_scale is not None:
+                    grad_scale[start:stop] = _row_dots(w_run, grad_w_run)
+                grad_w_run.addmm_(r_open.T, x_c)
         grad_dir = grad_pre = None
         if need_dir:
             # dL/ddirections = a / |dir| * (grad_w - w * rowsum(w * grad_w)).
@@ -242,6 +263,26 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(dim=1)`` without the (rows x d_in) temporary."""
     return torch.einsum("md,md->m", a, b)
+
+
+def _column_counts(gate: torch.Tensor) -> torch.Tensor:
+    """``gate.sum(dim=0)`` (int32), from byte sums over groups of 255 rows.
+
+    A uint8 sum cannot overflow within a group, and summing bytes into bytes is
+    vectorised where summing them into int32 is not: ~50x faster on CPU.
+    """
+    rows = gate.view(torch.uint8)
+    grouped = rows.shape[0] - rows.shape[0] % 255
+    counts = rows[grouped:].sum(dim=0, dtype=torch.int32)
+    if grouped:
+        groups = rows[:grouped].view(-1, 255, rows.shape[1]).sum(1, dtype=torch.uint8)
+        counts += groups.sum(dim=0, dtype=torch.int32)
+    return counts
+
+
+def _segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Sums of ``values[offsets[i]:offsets[i + 1]]`` (0 for an empty segment)."""
+    return torch.segment_reduce(values, "sum", offsets=offsets, axis=0)
 
 
 def fused_forward(
@@ -264,7 +305,7 @@ def fused_forward(
         input_scale: scalar ``c``, in x's dtype.
         threshold: (d_sae,) gate threshold on ``u`` (``-c * gate_bias``), x's dtype.
         block: neurons per dense-or-sparse block (None: ``BLOCK``).
-        max_density: open fraction at or below which a block uses CSR products
+        max_density: open fraction at or below which a block uses sparse products
             (None: ``MAX_SPARSE_DENSITY``; negative: dense everywhere).
     """
     block = BLOCK if block is None else block

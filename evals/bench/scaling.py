@@ -38,6 +38,11 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 import sae_gba  # noqa: F401  (registers gba)
 from sae_gba.atomic import write_text_atomically
 from sae_gba.training import CheckpointedFit, TensorDataProvider, make_trainer
+from sae_gba_evals.bench.sparsify_peer import (
+    HOW_TO_ADD_SPARSIFY,
+    sparsify_available,
+    sparsify_step,
+)
 
 # (d_in, d_sae, global batch tokens): the embedded preset's width and a wider SAE.
 SHAPES = {
@@ -49,10 +54,6 @@ STEPS = {"default": (2, 10), "tiny": (1, 3)}
 RANKS = (1, 2)
 ADAPTATION_INTERVAL = 5  # the embedded preset's
 SPARSIFY_K = 32
-HOW_TO_ADD_SPARSIFY = (
-    "pip install 'sae-gba[bench]' (or pip install eai-sparsify) beside sae-lens, "
-    "then rerun"
-)
 
 
 def synthetic_activations(n_rows: int, d_in: int, seed: int = 0) -> torch.Tensor:
@@ -198,22 +199,8 @@ def time_sparsify(
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-        x = next(data).to(device)
-        out = sae(x)
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
-        optimizer.zero_grad()
-        sae.set_decoder_norm_to_unit_norm()
+        sparsify_step(sae, optimizer, next(data).to(device))
     return _rate(times, warmup, timed, batch)
-
-
-def _sparsify_available() -> bool:
-    try:
-        import sparsify  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run_scaling(
@@ -242,7 +229,7 @@ def run_scaling(
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     warmup, timed = STEPS[size]
-    peer = _sparsify_available()
+    peer = sparsify_available()
     rows: list[dict[str, Any]] = []
     for shape in SHAPES[size]:
         key = {"d_in": shape[0], "d_sae": shape[1], "batch_tokens": shape[2]}

@@ -102,8 +102,9 @@ def _check_synth_suite(opts: SynthOptions) -> Job:
 
 @dataclasses.dataclass(kw_only=True)
 class BenchOptions(QuietOption):
-    """``sae-gba bench``: training throughput of GBA against SAELens's SAEs (throughput)
-    and of data-parallel training on 1 and 2 ranks (scaling).
+    """``sae-gba bench``: training throughput of GBA against SAELens's SAEs and
+    sparsify at matched L0 (throughput) and of data-parallel training on 1 and 2
+    ranks (scaling).
 
     Args:
         benchmark: the benchmark to run.
@@ -111,7 +112,11 @@ class BenchOptions(QuietOption):
         threads: torch threads (default: all cores).
         no_harvest: throughput: skip the embedded model's activation-harvest
             measurement.
-        size: scaling: default or tiny (a check only).
+        size: throughput: default (four shapes), small (640, 4096, 1024) or tiny (a
+            check only); scaling: default or tiny.
+        l0: throughput: comma-separated L0 points (default: 32,128).
+        methods: throughput: comma-separated methods among gba, weighted_gba, topk,
+            batchtopk, jumprelu, sparsify (default: all).
         device: scaling: cpu (gloo, 1 and 2 ranks) or cuda.
     """
 
@@ -120,6 +125,8 @@ class BenchOptions(QuietOption):
     threads: int | None = None
     no_harvest: bool = False
     size: str = "default"
+    l0: str | None = None
+    methods: str | None = None
     device: str = "cpu"
 
 
@@ -128,7 +135,22 @@ def check_bench(opts: BenchOptions, command_line: str) -> Job:
     checks.positive("--threads", opts.threads)
     out = checks.output_file("--out", opts.out)
     if opts.benchmark == "scaling":
+        if opts.l0 is not None or opts.methods is not None:
+            raise UsageError("--l0 and --methods apply to throughput only")
         return _check_bench_scaling(opts, out)
+    from sae_gba_evals.bench.throughput import L0_POINTS, METHODS, SHAPES
+
+    shapes = _choice("--size", opts.size, SHAPES)
+    points = (
+        L0_POINTS if opts.l0 is None else _l0_points(opts.l0, min(s[1] for s in shapes))
+    )
+    methods = METHODS if opts.methods is None else tuple(opts.methods.split(","))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(
+            f"--methods {opts.methods!r} is invalid: must be comma-separated names "
+            f"among {list(METHODS)}"
+        )
 
     def run() -> None:
         from sae_gba.progress import progress_bars
@@ -136,7 +158,12 @@ def check_bench(opts: BenchOptions, command_line: str) -> Job:
 
         with progress_bars(not opts.quiet):
             result = run_throughput(
-                out, harvest=not opts.no_harvest, threads=opts.threads
+                out,
+                shapes,
+                points,
+                methods,
+                harvest=not opts.no_harvest,
+                threads=opts.threads,
             )
         print(json.dumps(result["acceptance"], indent=1))
         print(f"wrote {out} and its PNG")
@@ -144,13 +171,29 @@ def check_bench(opts: BenchOptions, command_line: str) -> Job:
     return run, None
 
 
+def _choice(flag: str, value: str, table: dict[str, Any]) -> Any:
+    if value not in table:
+        raise UsageError(f"{flag} {value!r} is invalid: must be one of {list(table)}")
+    return table[value]
+
+
+def _l0_points(text: str, d_sae: int) -> tuple[int, ...]:
+    try:
+        points = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        points = ()
+    if not points or not all(0 < p < d_sae for p in points):
+        raise UsageError(
+            f"--l0 {text!r} is invalid: must be comma-separated whole numbers "
+            f"between 1 and {d_sae - 1} (the narrowest shape's d_sae minus one)"
+        )
+    return points
+
+
 def _check_bench_scaling(opts: BenchOptions, out: Path) -> Job:
     from sae_gba_evals.bench.scaling import SHAPES
 
-    if opts.size not in SHAPES:
-        raise UsageError(
-            f"--size {opts.size!r} is invalid: must be one of {list(SHAPES)}"
-        )
+    _choice("--size", opts.size, SHAPES)
     checks.torch_device(opts.device)
 
     def run() -> None:

@@ -168,7 +168,8 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
         # weighted subclass (sae_gba.weighted_sae) can weight them.
         squared_error = self.mse_loss_fn(processed_out, processed_in)
         if self.cfg.relative_loss:
-            mean_square = scale.square() + self.b_dec.detach().float().square().sum()
+            b_pre = self.b_dec.detach().to(squared_error)
+            mean_square = scale.square() + b_pre.square().sum()
             squared_error = squared_error * relative_token_weights(
                 processed_in, mean_square
             )

@@ -18,6 +18,7 @@ def relative_token_weights(x: torch.Tensor, reference: torch.Tensor) -> torch.Te
         (..., 1) weights in ``(0, 1]``, in ``x``'s dtype, without gradient.
     """
     with torch.no_grad():
-        reference = reference.float()
-        square = x.float().square().sum(dim=-1, keepdim=True)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # no bfloat16 sums
+        reference = reference.to(dtype)
+        square = x.to(dtype).square().sum(dim=-1, keepdim=True)
         return (reference / square.clamp(min=reference)).to(x.dtype)

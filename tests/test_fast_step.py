@@ -29,10 +29,12 @@ def _plain_loss(
     c: torch.Tensor,
     gate_bias: torch.Tensor,
     gamma_sq: torch.Tensor | None = None,
+    relative: bool = False,
 ) -> torch.Tensor:
     """The GBA loss written straight from the formula (autograd does the rest).
 
-    ``gamma_sq`` holds the squared WSAE weights of ``weighted_gba``.
+    ``gamma_sq`` holds the squared WSAE weights of ``weighted_gba``; ``relative``
+    weights each token by ``min(1, (c^2 + |b_pre|^2) / |x|^2)`` (``relative_loss``).
     """
     w = directions / directions.norm(dim=1, keepdim=True)
     b_pre = pre_bias * c
@@ -42,6 +44,11 @@ def _plain_loss(
     squared = (x_hat - x).square()
     if gamma_sq is not None:
         squared = squared * gamma_sq
+    if relative:
+        mean_square = c**2 + b_pre.detach().square().sum()
+        squared = squared * (mean_square / x.square().sum(-1, keepdim=True)).clamp(
+            max=1
+        )
     return 0.5 * (squared / c**2).sum(dim=-1).mean()
 
 
@@ -187,7 +194,7 @@ def test_training_forward_pass__fused_step_matches_the_plain_formula(
     )
     # The weighted loss squares its float32 weights before casting them.
     gamma_sq = sae.input_weights.square().to(dtype) if weighted else None
-    expected = _plain_loss(*reference.values(), gamma_sq=gamma_sq)
+    expected = _plain_loss(*reference.values(), gamma_sq=gamma_sq, relative=True)
     _assert_close(out.loss, expected, dtype, "loss")
     expected_grads = _grads(expected, reference)
     trained = {"directions": True, "output_scale": True, "pre_bias": train_pre_bias}

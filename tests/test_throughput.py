@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from sae_gba_evals.bench import throughput
-from sae_gba_evals.bench.throughput import (
+from sae_gba_evals.bench.matching import (
     L0_TOLERANCE,
     METHODS,
-    SHAPES,
     match_gba_target,
     predict_gba_target,
-    run_throughput,
     settled_l0,
+)
+from sae_gba_evals.bench.throughput import (
+    SHAPES,
+    run_throughput,
     sparsify_available,
     synthetic_activations,
 )

@@ -26,43 +26,27 @@ step's time. Plain ``gba`` rows carry an op profile of their step. Writes the JS
 and a PNG of tokens/s against L0, a panel per shape.
 """
 
-import contextlib
-import ctypes
-import gc
 import json
-import math
 import os
 import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from tqdm.auto import tqdm
 
-import sae_gba  # noqa: F401  (registers gba and weighted_gba)
 from sae_gba.atomic import write_text_atomically
-from sae_gba.bias_adaptation import (
-    BIAS_MIN,
-    group_index,
-    quantile_biases,
-    target_frequencies,
-)
 from sae_gba.fast_step import fast_step_enabled
-from sae_gba.gba_sae import GBATrainingSAE
-from sae_gba.training import TensorDataProvider, make_trainer
-from sae_gba.weighted_sae import WeightedTrainingMixin, input_weights
 from sae_gba_evals.bench.harvest import harvest_rate
+from sae_gba_evals.bench.matching import METHODS, Shape
 from sae_gba_evals.bench.plots import plot_throughput, shape_of
 from sae_gba_evals.bench.sparsify_peer import (
     HOW_TO_ADD_SPARSIFY,
     sparsify_available,
-    sparsify_step,
 )
-
-Shape = tuple[int, int, int]
+from sae_gba_evals.bench.timing import time_method
 
 # (d_in, d_sae, batch tokens). The last default shape is the paper's width at
 # d_in 2,304; about 6 GB for the largest method (sparsify's) at batch 1,024.
@@ -77,17 +61,12 @@ SHAPES: dict[str, tuple[Shape, ...]] = {
     "tiny": ((16, 4096, 256),),
 }
 L0_POINTS = (32, 128)
-METHODS = ("gba", "weighted_gba", "topk", "batchtopk", "jumprelu", "sparsify")
 # (warm-up steps, timed steps) per shape; others get DEFAULT_STEPS. 50 timed steps
 # hold one bias adaptation, as in training; where fewer, the adaptation is timed
 # apart and added at its share (see time_method).
 STEPS: dict[Shape, tuple[int, int]] = {(640, 4096, 1024): (3, 50)}
 DEFAULT_STEPS = (2, 4)
 BATCHES_OF_DATA = 8
-LR = 3e-4
-# The measured L0 must land within this fraction of the point.
-L0_TOLERANCE = 0.1
-MATCH_TRIES = 4
 
 
 def synthetic_activations(n_rows: int, d_in: int, seed: int = 0) -> torch.Tensor:
@@ -121,355 +100,6 @@ def mm_rates(shapes: tuple[Shape, ...], reps: int = 3) -> list[float]:
                 best = max(best, flops / (time.perf_counter() - start) / 1e9)
         rates.append(best)
     return rates
-
-
-@torch.no_grad()
-def settle_gate_biases(sae: GBATrainingSAE, x: torch.Tensor, chunk: int = 1024) -> None:
-    """Put each neuron's gate bias where its group's target frequency would on ``x``.
-
-    That is the state bias adaptation steers towards, reached at once with the rule's
-    own :func:`~sae_gba.bias_adaptation.quantile_biases`, ``chunk`` neurons at a time.
-    The bias goes midway between the last projection it opens and the first it
-    leaves closed (below the largest where it opens none): at the closed one itself,
-    the step's renormalisation of the directions would flip about half of them open.
-    """
-    c = sae.input_scale.to(x)
-    x_c = (x - sae.pre_bias * c) / c
-    w = sae.directions / sae.directions.norm(dim=1, keepdim=True)
-    targets = sae.neuron_targets()
-    none_open = targets * x.shape[0] < 1
-    for start in range(0, sae.cfg.d_sae, chunk):
-        block = slice(start, start + chunk)
-        preacts = x_c @ w[block].T
-        closed = quantile_biases(preacts, targets[block])
-        opened = quantile_biases(preacts, targets[block] - 1 / x.shape[0])
-        midway = (closed + opened) / 2
-        below = (closed - 1e-3).clamp(min=BIAS_MIN)
-        sae.gate_bias[block] = torch.where(none_open[block], below, midway)
-
-
-@torch.no_grad()
-def set_jumprelu_threshold(sae: Any, x: torch.Tensor, l0: float) -> None:
-    """One threshold for every latent under which ``x``'s mean L0 is ``l0``."""
-    _, hidden_pre = sae.encode_with_hidden_pre(x)
-    flat = hidden_pre.flatten()
-    opened = min(round(l0 * x.shape[0]), flat.numel() - 1)
-    # The (opened + 1)-th largest: exactly `opened` entries lie above it (ties aside).
-    threshold = torch.kthvalue(flat, flat.numel() - opened).values
-    sae.threshold.fill_(max(float(threshold), 1e-6))
-
-
-def mean_l0(acts: torch.Tensor) -> float:
-    """Mean number of nonzero entries per row."""
-    return float((acts != 0).sum(dim=-1).double().mean())
-
-
-class Method(NamedTuple):
-    """One method at one shape and L0, ready to time.
-
-    ``prepare(batch)`` runs untimed before each step (the sparsity matching);
-    ``step(batch)`` is the timed training step and returns the latent activations.
-    """
-
-    prepare: Callable[[torch.Tensor], None]
-    step: Callable[[torch.Tensor], torch.Tensor]
-    sae: Any
-    info: dict[str, Any]
-
-
-def _trainer_step(sae: Any, data: torch.Tensor, batch: int) -> Callable:
-    """SAELens's trainer step on ``sae`` (the first step is run here)."""
-    trainer = make_trainer(
-        sae, iter(()), total_tokens=batch * 10**6, batch_size=batch, lr=LR
-    )
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        output = trainer.step(x)
-        trainer.n_training_steps += 1
-        return output.feature_acts
-
-    step(data[:batch])  # GBA: fixes the input scale and b_pre
-    return step
-
-
-def _saelens_sae(arch: str, d_in: int, d_sae: int, data: torch.Tensor, **fields: Any):
-    """A fresh SAELens training SAE; ``weighted_*`` get their weights up front."""
-    sae_class, config_class = SAE_TRAINING_CLASS_REGISTRY[arch]
-    torch.manual_seed(0)
-    sae = sae_class(config_class(d_in=d_in, d_sae=d_sae, **fields))
-    if isinstance(sae, WeightedTrainingMixin):
-        sae.set_input_weights(input_weights(data.var(dim=0), sae.cfg.weight_alpha))
-    return sae
-
-
-def settled_l0(arch: str, d_in: int, d_sae: int, batch: int, target_l0: float) -> float:
-    """The L0 that gates settled on ``batch`` tokens give with this ``target_l0``.
-
-    :func:`settle_gate_biases` opens each neuron on ``floor(p * batch)`` tokens (bias
-    clamps aside), so the L0 moves in steps of a group's size over ``batch``.
-    """
-    cfg = SAE_TRAINING_CLASS_REGISTRY[arch][1](
-        d_in=d_in, d_sae=d_sae, target_l0=target_l0
-    )
-    groups = target_frequencies(cfg.n_groups, cfg.high_target_freq, cfg.low_target_freq)
-    targets = groups[group_index(d_sae, cfg.n_groups)]
-    opened = (targets * batch).floor().clamp(max=batch - 1)
-    return float(opened.sum()) / batch
-
-
-def predict_gba_target(arch: str, shape: Shape, l0: float) -> float:
-    """The ``target_l0`` whose :func:`settled_l0` is nearest ``l0`` (bisection).
-
-    The settled L0 never exceeds the target (floors), and rises with it.
-    """
-    d_in, d_sae, batch = shape
-
-    def at(target: float) -> float:
-        try:
-            return settled_l0(arch, d_in, d_sae, batch, target)
-        except ValueError:  # out of the config's reach
-            return math.inf
-
-    lo, hi = float(l0), float(l0)
-    while at(hi) < l0 and hi < d_sae:
-        lo, hi = hi, hi * 2
-    for _ in range(25):  # the target to 2^-25 of its bracket's log-width
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if at(mid) < l0 else (lo, mid)
-    return min((lo, hi), key=lambda t: abs(at(t) - l0))
-
-
-def match_gba_target(
-    arch: str, shape: Shape, l0: float, data: torch.Tensor
-) -> tuple[Any, Callable, float, float]:
-    """A GBA SAE whose settled gates open ``l0`` latents per token, within 10%.
-
-    Starts from :func:`predict_gba_target` and, where the bias clamps move the
-    measured L0 off the prediction, rescales the target by point / measured until
-    the L0 of the settled gates on a batch lands.
-
-    Returns:
-        (sae, its trainer step, target_l0, the L0 measured on the trial batch).
-
-    Raises:
-        ValueError: no target within ``MATCH_TRIES`` tries lands within 10% (at a
-            small batch, one token of a group's floor can move the L0 by more).
-    """
-    d_in, d_sae, batch = shape
-    target, tried = predict_gba_target(arch, shape, l0), []
-    for _ in range(MATCH_TRIES):
-        sae = _saelens_sae(arch, d_in, d_sae, data, target_l0=target)
-        step = _trainer_step(sae, data, batch)
-        x = data[batch : 2 * batch]
-        settle_gate_biases(sae, x)
-        with torch.no_grad():
-            measured = mean_l0(sae.encode(x))
-        tried.append((target, measured))
-        if abs(measured - l0) <= L0_TOLERANCE * l0:
-            return sae, step, target, measured
-        # At most 4x a try: where every group's p * batch < 1 nothing opens at all.
-        target *= min(max(l0 / max(measured, 1e-3), 0.25), 4.0)
-    raise ValueError(
-        f"{arch} at {shape}: no target_l0 landed within {L0_TOLERANCE:.0%} of L0 "
-        f"{l0} (tried (target_l0, L0): {tried})"
-    )
-
-
-def build_method(method: str, shape: Shape, l0: int, data: torch.Tensor) -> Method:
-    """``method`` at ``shape`` set to ``l0`` active latents per token."""
-    d_in, d_sae, batch = shape
-    if method in ("gba", "weighted_gba"):
-        sae, step, target, trial = match_gba_target(method, shape, l0, data)
-        info = {"target_l0": target, "trial_l0": trial}
-        return Method(lambda x: settle_gate_biases(sae, x), step, sae, info)
-    if method in ("topk", "batchtopk"):
-        sae = _saelens_sae(method, d_in, d_sae, data, k=l0)
-        return Method(lambda x: None, _trainer_step(sae, data, batch), sae, {})
-    if method == "jumprelu":
-        sae = _saelens_sae(method, d_in, d_sae, data)
-        step = _trainer_step(sae, data, batch)
-        return Method(lambda x: set_jumprelu_threshold(sae, x, l0), step, sae, {})
-    if method == "sparsify":
-        return _sparsify_method(d_in, d_sae, l0)
-    raise ValueError(f"method={method!r} is invalid: must be one of {list(METHODS)}")
-
-
-def _sparsify_method(d_in: int, d_sae: int, k: int) -> Method:
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    torch.manual_seed(0)
-    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), "cpu")
-    optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
-
-    def step(x: torch.Tensor) -> torch.Tensor:
-        return sparsify_step(sae, optimizer, x).latent_acts
-
-    return Method(lambda x: None, step, sae, {})
-
-
-def _release_memory() -> None:
-    """Free what earlier runs left, so each run's resident peak is its own."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak_rss() -> None:
-    """Restart the kernel's resident-set peak (``VmHWM``) from the current size."""
-    with contextlib.suppress(OSError):  # not Linux: the peak covers the whole run
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _rss_mb(field: str) -> float:
-    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process in MB, or NaN."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
-
-
-@torch.no_grad()
-def _time_one_adaptation(sae: GBATrainingSAE) -> float:
-    """Wall time of one bias adaptation on the current window; the state is kept."""
-    saved = [buffer.clone() for buffer in sae.buffers()]
-    start = time.perf_counter()
-    GBATrainingSAE.adapt_biases(sae)
-    seconds = time.perf_counter() - start
-    for buffer, value in zip(sae.buffers(), saved, strict=True):
-        buffer.copy_(value)
-    return seconds
-
-
-def _timed_adaptations(sae: GBATrainingSAE) -> list[float]:
-    """Record the wall time of every ``adapt_biases`` call from now on."""
-    seconds: list[float] = []
-    adapt = sae.adapt_biases
-
-    def timed() -> None:
-        start = time.perf_counter()
-        adapt()
-        seconds.append(time.perf_counter() - start)
-
-    sae.adapt_biases = timed  # type: ignore[method-assign]
-    return seconds
-
-
-def time_method(
-    method: str,
-    shape: Shape,
-    l0: int,
-    data: torch.Tensor,
-    warmup: int,
-    steps: int,
-    mm_peak_gflops: float,
-    profile: int = 0,
-) -> dict[str, Any]:
-    """Time ``steps`` training steps after ``warmup``; returns one result row.
-
-    ``profile`` > 0 adds a ``profile`` of that many further (untimed) steps.
-    """
-    d_in, d_sae, batch = shape
-    _release_memory()
-    run = build_method(method, shape, l0, data)
-    provider = TensorDataProvider(data, batch, seed=0)
-    gba = isinstance(run.sae, GBATrainingSAE)
-    adaptations = _timed_adaptations(run.sae) if gba else []
-
-    def prepared() -> torch.Tensor:
-        x = next(provider)
-        run.prepare(x)
-        return x
-
-    for _ in range(warmup):
-        run.step(prepared())
-    adaptations.clear()
-    _reset_peak_rss()
-    rss_start = _rss_mb("VmRSS")
-    times, l0s = [], []
-    for _ in range(steps):
-        x = prepared()
-        start = time.perf_counter()
-        acts = run.step(x)
-        times.append(time.perf_counter() - start)
-        l0s.append(mean_l0(acts))
-    peak_rss = _rss_mb("VmHWM")
-    # Training adapts once per `interval` steps. Where the timed steps held no
-    # adaptation (too few of them), one is timed on the current window and its share
-    # added; forcing one early would run it on a short window.
-    amortized = adapt = 0.0
-    if gba:
-        interval = run.sae.cfg.adaptation_interval
-        if adaptations:
-            adapt = sum(adaptations) / len(adaptations)
-        else:
-            adapt = _time_one_adaptation(run.sae)
-            amortized = adapt / interval
-    seconds = sum(times) / steps + amortized
-    floor_seconds = 2 * batch * d_in * d_sae / (mm_peak_gflops * 1e9)
-    row: dict[str, Any] = {
-        "arch": method,
-        "d_in": d_in,
-        "d_sae": d_sae,
-        "batch": batch,
-        "l0_point": l0,
-        "l0": sum(l0s) / len(l0s),
-        "tokens_per_s": batch / seconds,
-        "peak_rss_mb": peak_rss,
-        "encoder_floor_fraction": floor_seconds / seconds,
-        "seconds_per_step": seconds,
-        "steps_timed": steps,
-        # Under a varying load the fastest step estimates the unloaded rate better.
-        "tokens_per_s_best_step": batch / (min(times) + amortized),
-        "rss_at_start_mb": rss_start,
-        **run.info,
-    }
-    if gba:
-        row |= {
-            "adaptations_timed": len(adaptations),
-            "adaptation_seconds": adapt,
-            "adaptation_share": adapt / (interval * seconds),
-        }
-    if profile:
-        row["profile"] = profile_steps(prepared, run.step, profile)
-    return row
-
-
-def profile_steps(
-    prepare: Callable[[], torch.Tensor],
-    step: Callable[[torch.Tensor], Any],
-    steps: int,
-    top: int = 15,
-) -> list[dict]:
-    """The ops that took most time over ``steps`` more steps (torch.profiler, CPU).
-
-    Only ``step`` is profiled, not ``prepare`` (the untimed sparsity matching). Ops
-    are grouped by input shapes, so the encoder product, the sparse products and the
-    optimizer's passes can be told apart; times are wall ms per step.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    totals: dict[tuple[str, str], float] = {}
-    for _ in range(steps):
-        x = prepare()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            step(x)
-        for e in prof.key_averages(group_by_input_shape=True):
-            key = (e.key, str(e.input_shapes))
-            totals[key] = totals.get(key, 0.0) + e.self_cpu_time_total
-    total = sum(totals.values())
-    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
-    return [
-        {
-            "op": op,
-            "input_shapes": shapes,
-            "ms_per_step": us / steps / 1e3,
-            "share": us / total,
-        }
-        for (op, shapes), us in ranked
-    ]
 
 
 def run_throughput(

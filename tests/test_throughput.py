@@ -1,6 +1,7 @@
 """The matched-sparsity throughput benchmark (evals/bench/throughput.py) at toy size."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -133,3 +134,14 @@ def test_bench_throughput_cli__bad_options_are_named(tmp_path, capsys, argv, mes
     error = cli_error(capsys, ["bench", "throughput", "--out", str(out), *argv])
     assert message in error
     assert not out.exists()
+
+
+def test_profiler_noise__native_lines_with_the_prefix_are_dropped(capfd):
+    from sae_gba_evals.bench.timing import _native_lines_dropped
+
+    with _native_lines_dropped("USDT:"):
+        os.write(
+            2, b"USDT:2026 profiler_start\nreal warning\nUSDT:2026 profiler_stop\n"
+        )
+    err = capfd.readouterr().err
+    assert err == "real warning\n"

@@ -4,8 +4,11 @@ import contextlib
 import ctypes
 import gc
 import math
+import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +149,34 @@ def time_method(
     return row
 
 
+# What the profiler's native side prints to stderr at every start and stop.
+PROFILER_NOISE = "USDT:"
+
+
+@contextlib.contextmanager
+def _native_lines_dropped(prefix: str) -> Iterator[None]:
+    """Hold back native writes to stderr, then pass on the lines not starting ``prefix``.
+
+    Native code writes to file descriptor 2 directly, past ``sys.stderr``.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [
+                line
+                for line in held.read().decode(errors="replace").splitlines(True)
+                if not line.startswith(prefix)
+            ]
+            sys.stderr.write("".join(kept))
+
+
 def profile_steps(
     prepare: Callable[[], torch.Tensor],
     step: Callable[[torch.Tensor], Any],
@@ -163,7 +194,10 @@ def profile_steps(
     totals: dict[tuple[str, str], float] = {}
     for _ in range(steps):
         x = prepare()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with (
+            _native_lines_dropped(PROFILER_NOISE),
+            profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof,
+        ):
             step(x)
         for e in prof.key_averages(group_by_input_shape=True):
             key = (e.key, str(e.input_shapes))

@@ -181,7 +181,7 @@ def adapt_biases(
     targets = neuron_targets.to(firing_frequency)
     over_active = firing_frequency > targets
     dead = firing_frequency <= dead_threshold
-    group_mean = _group_mean_peaks(peak_preacts, neuron_groups, n_groups)
+    group_mean = _group_mean_peaks(peaks, neuron_groups, n_groups)
     raised = torch.clamp(bias + gamma_plus * group_mean[neuron_groups], max=BIAS_MAX)
     if step_unit == "tail":
         if window_tokens is None:
@@ -195,11 +195,13 @@ def adapt_biases(
 
 
 def _group_mean_peaks(
-    peak_preacts: torch.Tensor, neuron_groups: torch.Tensor, n_groups: int
+    peaks: torch.Tensor, neuron_groups: torch.Tensor, n_groups: int
 ) -> torch.Tensor:
-    """(n_groups,) mean positive peak per group, falling back as ``adapt_biases`` says."""
-    positive = peak_preacts > 0
-    peaks = peak_preacts.clamp(min=0)
+    """(n_groups,) mean positive peak per group, falling back as ``adapt_biases`` says.
+
+    ``peaks`` are the window peaks clamped at 0 (0: the neuron never rose above it).
+    """
+    positive = peaks > 0
     group_sum = torch.zeros(n_groups, dtype=peaks.dtype, device=peaks.device)
     group_count = torch.zeros_like(group_sum)
     group_sum.index_add_(0, neuron_groups, peaks)

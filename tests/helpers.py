@@ -134,3 +134,13 @@ def cli_error(capsys, argv: list[str], code: int = 2) -> str:
     prefix = f"sae-gba {argv[0]}: error: "
     assert lines[0].startswith(prefix), lines[0]
     return lines[0][len(prefix) :]
+
+
+def relative_weights_by_hand(
+    x: torch.Tensor, input_scale: torch.Tensor, b_pre: torch.Tensor
+) -> torch.Tensor:
+    """GBA's relative-loss token weights from their definition, (..., 1):
+    ``min(1, (c^2 + |b_pre|^2) / |x|^2)``, ``c^2 + |b_pre|^2`` the first batch's
+    mean squared norm (``b_pre`` in input units)."""
+    mean_square = input_scale**2 + b_pre.detach().square().sum()
+    return (mean_square / x.square().sum(-1, keepdim=True)).clamp(max=1)

@@ -13,6 +13,7 @@ from sae_gba.bias_adaptation import (
 from sae_gba.fast_step import FAST_STEP_ENV, fused_forward, plan_runs
 from sae_gba.gba_sae import GBATrainingSAE, GBATrainingSAEConfig
 from sae_gba.weighted_sae import WeightedGBATrainingSAE, WeightedGBATrainingSAEConfig
+from tests.helpers import relative_weights_by_hand
 
 D_IN, D_SAE, N_TOKENS = 12, 48, 96
 # (block, max_density): everything dense, everything CSR, and a mix of both.
@@ -45,10 +46,7 @@ def _plain_loss(
     if gamma_sq is not None:
         squared = squared * gamma_sq
     if relative:
-        mean_square = c**2 + b_pre.detach().square().sum()
-        squared = squared * (mean_square / x.square().sum(-1, keepdim=True)).clamp(
-            max=1
-        )
+        squared = squared * relative_weights_by_hand(x, c, b_pre)
     return 0.5 * (squared / c**2).sum(dim=-1).mean()
 
 

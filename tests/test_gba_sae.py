@@ -22,7 +22,12 @@ from sae_gba.training import (
     resume_from_checkpoint,
     save_checkpoint_atomically,
 )
-from tests.helpers import runner_dict, tiny_model, token_dataset
+from tests.helpers import (
+    relative_weights_by_hand,
+    runner_dict,
+    tiny_model,
+    token_dataset,
+)
 
 
 def _step_input(x: torch.Tensor, step: int = 0) -> TrainStepInput:
@@ -489,7 +494,7 @@ def test_relative_loss__large_tokens_count_by_their_relative_error():
     mean_square = scale**2 + sae.b_dec.pow(2).sum()
     # the first batch fixes the reference: its mean squared norm
     assert mean_square == pytest.approx(x.pow(2).sum(-1).mean().item(), rel=1e-4)
-    weights = (mean_square / x.pow(2).sum(-1)).clamp(max=1)
+    weights = relative_weights_by_hand(x, scale, sae.b_dec).squeeze(-1)
     assert 0.05 < weights.min() < 0.5 and weights.max() == 1
     squared = (output.sae_out - x).pow(2).sum(-1)
     by_hand = 0.5 * (weights * squared).mean() / scale**2

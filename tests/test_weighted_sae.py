@@ -33,7 +33,12 @@ from sae_gba.weighted_sae import (
     weighted_config,
     weighted_config_class,
 )
-from tests.helpers import runner_dict, tiny_model, token_dataset
+from tests.helpers import (
+    relative_weights_by_hand,
+    runner_dict,
+    tiny_model,
+    token_dataset,
+)
 
 BASES = list(WEIGHTED_CLASSES)
 # The base-specific fields that make each architecture sensible at d_sae = 16..96.
@@ -249,8 +254,7 @@ def test_loss__weighted_mse_by_hand_and_every_other_term_as_the_base(base):
     reference = plain.training_forward_pass(_step_input(x))
     squared = gamma.square() * (out.sae_out - x).square()
     if base == "gba":  # GBA's loss: 0.5 |out - in|^2 / c^2, relative per token
-        mean_square = sae.input_scale.square() + sae.b_dec.square().sum()
-        tokens = (mean_square / x.square().sum(-1, keepdim=True)).clamp(max=1)
+        tokens = relative_weights_by_hand(x, sae.input_scale, sae.b_dec)
         expected = 0.5 * (tokens * squared / sae.input_scale.square()).sum(-1).mean()
     else:
         expected = squared.sum(-1).mean()

@@ -1,8 +1,9 @@
 """``sae-gba compare`` (evals/compare/), run for real on a tiny random model.
 
 The whole pipeline runs once per module: a 2-layer random model carrying the embedded
-Gemma-3 tokenizer (absorption needs a real one), 2 methods x 2 L0 targets, SAELens's
-trainer, SAEBench's core and absorption evals (absorption gates lowered as in
+Gemma-3 tokenizer (absorption needs a real one), 2 methods x 2 L0 targets plus a second
+seed of each at the middle target, two passes over the tokens, SAELens's trainer with
+held-out convergence curves, SAEBench's core and absorption evals (absorption gates lowered as in
 tests/test_saebench.py, since a random model cannot spell). The tests check the
 outputs, the resume, the memoised forward pass against an unmemoised one and the
 errors; the numbers themselves mean nothing on a random model.
@@ -26,6 +27,7 @@ from sae_gba_evals.compare import (
     memoized_forward,
     run_compare,
 )
+from sae_gba_evals.compare.train import convergence
 from sae_gba_evals.saebench import EvalSettings, prepare_sae, run_core
 from tests.helpers import (
     FAST_ABSORPTION,
@@ -41,6 +43,9 @@ SIZE = CompareSize(
     training_tokens=2_048,
     target_l0s=(4.0, 8.0),
     batch_tokens=128,
+    training_passes=2,
+    middle_seeds=2,
+    ev_curve_points=4,
     n_recon_tokens=64,
     absorption_words=500,
 )
@@ -83,9 +88,12 @@ def test_compare__writes_rows_report_and_plots(compared):
     out, result, _ = compared
     data = json.loads((out / "compare.json").read_text())
     assert data["rows"] == json.loads(json.dumps(result["rows"]))
-    rows = {(r["method"], r["target_l0"]): r for r in data["rows"]}
-    assert set(rows) == {(m, t) for m in METHODS for t in SIZE.target_l0s}
-    for row in rows.values():
+    seeds = {(r["method"], r["target_l0"], r["seed"]) for r in data["rows"]}
+    assert seeds == {(m, t, 0) for m in METHODS for t in SIZE.target_l0s} | {
+        (m, 4.0, 1) for m in METHODS
+    }
+    rows = {(r["method"], r["target_l0"]): r for r in data["rows"] if not r["seed"]}
+    for row in data["rows"]:
         assert 0 < row["l0"] <= SIZE.d_sae
         assert row["explained_variance_legacy"] < 1
         assert 0 < row["frac_alive"] <= 1
@@ -105,18 +113,57 @@ def test_compare__writes_rows_report_and_plots(compared):
         "explained_variance",
     ]
     # TopK's L0 is at most k and grows with it; GBA's target L0 grows with L0.
+    # The second seed is another SAE: other initialisation and batch order.
+    spread = result["seed_spread"]
+    assert sorted(spread) == ["gba@4", "topk@4"]
+    assert spread["topk@4"][0]["explained_variance_legacy"] != pytest.approx(
+        spread["topk@4"][1]["explained_variance_legacy"], abs=1e-6
+    )
+    assert set(result["gba_criteria"]) >= {"ev_within_tolerance_at_every_point"}
     assert rows[("topk", 4.0)]["l0"] <= 4 + 1e-6
     assert rows[("topk", 4.0)]["l0"] < rows[("topk", 8.0)]["l0"] <= 8 + 1e-6
     assert rows[("topk", 8.0)]["setting"] == {"k": 8}
     aimed = [rows[("gba", t)]["setting"]["target_l0"] for t in SIZE.target_l0s]
     assert aimed[0] < aimed[1]
     markdown = (out / "compare.md").read_text()
-    assert "| method | setting | L0 | EV legacy |" in markdown
+    assert "| method | seed | setting | L0 | EV legacy |" in markdown
     assert result["gba_vs_topk"] in markdown
     assert "TopK" in result["gba_vs_topk"]
     for name in ("ev_vs_l0.png", "absorption_vs_l0.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["memoized_forward"]["hits"] > 0
+
+
+def test_compare__records_a_convergence_curve_per_run(compared):
+    out, result, _ = compared
+    steps = SIZE.training_passes * SIZE.training_tokens // SIZE.batch_tokens
+    for row in result["rows"]:
+        record = json.loads((out / "saes" / row["sae_dir"].split("/")[-1] /
+                             "compare_train.json").read_text())  # fmt: skip
+        curve = record["ev_curve"]
+        # Every steps // points steps, then once after the last step.
+        assert (
+            [s for s, _ in curve]
+            == [8, 16, 24, 32]
+            == [steps * i // 4 for i in (1, 2, 3, 4)]
+        )
+        assert all(ev < 1 for _, ev in curve)
+        change = curve[-1][1] - curve[-2][1]  # 80% of 32 steps is step 25.6: step 24
+        assert record["ev_change_last_20pct"] == pytest.approx(change)
+        assert row["converged"] == (abs(change) < 0.005)
+    markdown = (out / "compare.md").read_text()
+    assert "runs did." in markdown
+
+
+def test_convergence__compares_the_last_point_with_the_tail_start():
+    points = [(100, 0.5), (200, 0.6), (300, 0.70), (400, 0.704), (500, 0.706)]
+    # The tail starts at 80% of 500 = step 400.
+    result = convergence(points)
+    assert result["ev_change_last_20pct"] == pytest.approx(0.002)
+    assert result["converged"] is True
+    # At 300 the tail starts at step 240, nearest 200: 0.70 - 0.60.
+    assert convergence(points[:3])["ev_change_last_20pct"] == pytest.approx(0.1)
+    assert convergence(points[:3])["converged"] is False
 
 
 def test_compare__explained_variance_is_the_conventional_ratio(compared, speller):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae_gba.bias_adaptation import high_target_for_l0
+from sae_gba.model_presets import EMBEDDED, GEMMA_2_2B
 from sae_gba_evals.saebench.common import EvalSettings
 
 # Every method the comparison can train, as SAELens architecture names.
@@ -26,15 +27,14 @@ METHODS = (
     "weighted_batchtopk",
     "weighted_jumprelu",
 )
-DEFAULT_METHODS = (
-    "gba",
-    "topk",
-    "batchtopk",
-    "jumprelu",
-    "weighted_gba",
-    "weighted_topk",
-)
+DEFAULT_METHODS = ("gba", "topk", "batchtopk", "jumprelu")
 EVALS = ("core", "absorption")
+# Methods trained with several seeds at the middle target L0 (CompareSize.middle_seeds).
+SEEDED_METHODS = ("gba", "topk")
+# A run counts as converged when its held-out legacy explained variance moved by less
+# than this over its last CONVERGED_TAIL of steps.
+CONVERGED_EV_CHANGE = 0.005
+CONVERGED_TAIL = 0.2
 
 
 class CompareError(ValueError):
@@ -52,10 +52,16 @@ class CompareSize:
         target_l0s: L0 targets of the sweep, shared by every method.
         batch_tokens: tokens per training step.
         lr: Adam learning rate (SAELens's default).
-        adaptation_interval: GBA steps between bias adaptations.
-        gba_l0_ratio: realised L0 over the group targets' expected L0 for GBA (pilot).
-        gba_output_scale_init: GBA's initial output scales ``a_m``
-            (``decoder_init_norm``).
+        adaptation_interval: GBA steps between bias-adaptation checks: the model
+            preset's training recipe (``sae_gba.presets``), as ``sae-gba train`` and
+            the demo use it.
+        training_passes: passes over the harvested tokens (reshuffled each pass);
+            every SAE trains ``training_passes * training_tokens`` tokens.
+        middle_seeds: seeds of :data:`SEEDED_METHODS` at the middle target L0 (the
+            others train seed 0 only), so the report shows the seed noise.
+        ev_curve_points: held-out explained-variance measurements over each run, for
+            the convergence check (:data:`CONVERGED_EV_CHANGE`).
+        ev_curve_tokens: held-out tokens each of those measurements reads.
         jumprelu_l0_coefficient: coefficient of JumpReLU's quadratic L0 loss.
         jumprelu_ste_to_input: let the L0 loss's straight-through gradient reach
             the encoder (Anthropic's setup), not only the thresholds (DeepMind's).
@@ -79,9 +85,11 @@ class CompareSize:
     target_l0s: tuple[float, ...]
     batch_tokens: int = 512
     lr: float = 3e-4
-    adaptation_interval: int = 5
-    gba_l0_ratio: float = 1.0
-    gba_output_scale_init: float = 0.1
+    adaptation_interval: int = 50
+    training_passes: int = 1
+    middle_seeds: int = 1
+    ev_curve_points: int = 20
+    ev_curve_tokens: int = 8192
     jumprelu_l0_coefficient: float = 1.0
     jumprelu_ste_to_input: bool = True
     harvest_batch_windows: int = 16
@@ -126,29 +134,23 @@ class ComparePreset:
     sizes: dict[str, CompareSize] = field(default_factory=dict)
 
 
-# Embedded Gemma-3-270M (d_in 640), sized from pilot measurements on the project's
-# 2-core machine (one thread each; see the module docstring for the phase costs).
-# GBA adapts every 2 steps: at 5 (the demo's interval) 200k tokens give 78
-# adaptations and a held-out L0 of 103 for an expected 48; at 2 (195 adaptations),
-# 45, and 29 for 26 and 90 for 102 (hence gba_l0_ratio). "small" adapts every step
-# for the same count (at 60k tokens and every 2 steps its L0s were 116-146 for
-# targets 16-64: not settled). GBA's output scales start at 0.5, not the package's 0.1:
-# each a_m is one scalar that Adam moves by about lr per step, so from 0.1 all of them
-# were still rising at the end (max 0.235 = 0.1 + 390 steps x 3e-4); from 0.5 they
-# settle around 0.48 (0.43-0.59) and from 1.0 they were still falling (0.93-0.99).
-# Chosen among 0.1 / 0.5 / 1.0 in the pilot at target 48 by held-out explained
-# variance (0.652 / 0.700 / 0.617): the one GBA setting tuned on the eval data.
-# 280 of the 283 held-out windows: a count divisible by the batch of 4 (a prime
-# count makes SAEBench's core eval read one window per batch).
+# Embedded Gemma-3-270M (d_in 640), sized for the project's 2-core machine (one
+# thread each). Every method gets the package's defaults and only its sparsity setting
+# (TopK's k, GBA's target_l0, JumpReLU's target_l0; GBA adapts at the embedded
+# preset's interval, as the demo does); the L0 points span 16-128.
+# 300k harvested tokens, two passes: about 1,170 steps of 512 tokens per SAE (the
+# convergence check in each record says whether that was enough). 280 of the 283
+# held-out windows: a count divisible by the batch of 4 (a prime count makes SAEBench's
+# core eval read one window per batch).
 EMBEDDED_SIZES = {
     "default": CompareSize(
         name="default",
         d_sae=2048,
-        training_tokens=200_000,
-        target_l0s=(24.0, 48.0, 96.0),
-        adaptation_interval=2,
-        gba_l0_ratio=0.94,
-        gba_output_scale_init=0.5,
+        training_tokens=300_000,
+        target_l0s=(16.0, 32.0, 64.0, 128.0),
+        adaptation_interval=EMBEDDED.adaptation_interval,
+        training_passes=2,
+        middle_seeds=2,
         eval_n_tokens=280 * 128,
         absorption_words=12_000,
     ),
@@ -157,9 +159,7 @@ EMBEDDED_SIZES = {
         d_sae=1024,
         training_tokens=100_000,
         target_l0s=(16.0, 32.0, 64.0),
-        adaptation_interval=1,
-        gba_l0_ratio=0.94,
-        gba_output_scale_init=0.5,
+        adaptation_interval=EMBEDDED.adaptation_interval,
         eval_n_tokens=64 * 128,
         n_recon_tokens=512,
         absorption_words=12_000,
@@ -168,9 +168,7 @@ EMBEDDED_SIZES = {
 
 # The paper's setup: Gemma-2-2B layer 12, 65,536 latents, L0 about 300 (the middle
 # target). Not run here (no Gemma-2-2B weights); the expected resources in the module
-# docstring are estimates. GBA adapts every 6 steps of 4,096 tokens (24,576-token
-# windows, about the paper's 50 x 512): 341 adaptations in 2^23 tokens.
-# gba_l0_ratio is not measured for this model (1.0: the group targets as they are).
+# docstring are estimates.
 GEMMA_2_2B_SIZES = {
     "default": CompareSize(
         name="default",
@@ -178,7 +176,7 @@ GEMMA_2_2B_SIZES = {
         training_tokens=2**23,
         target_l0s=(150.0, 300.0, 600.0),
         batch_tokens=4096,
-        adaptation_interval=6,
+        adaptation_interval=GEMMA_2_2B.adaptation_interval,
         harvest_batch_windows=8,
         n_recon_tokens=20_480,
         absorption_words=None,
@@ -204,7 +202,7 @@ def sparsity_setting(
     Args:
         method: one of :data:`METHODS`.
         target_l0: the L0 aimed at.
-        size: the comparison size (width, GBA ratio, JumpReLU coefficient).
+        size: the comparison size (width, JumpReLU coefficient).
     """
     base = method.removeprefix("weighted_")
     if base in ("topk", "batchtopk"):
@@ -219,22 +217,20 @@ def sparsity_setting(
     if base == "gba":
         from sae_gba.gba_sae import GBATrainingSAEConfig as GBA
 
-        expected = target_l0 / size.gba_l0_ratio
         try:  # the reach of the targets at GBA's default groups and floor
-            high_target_for_l0(expected, size.d_sae, GBA.n_groups, GBA.low_target_freq)
+            high_target_for_l0(target_l0, size.d_sae, GBA.n_groups, GBA.low_target_freq)
         except ValueError as err:
             raise CompareError(f"GBA at L0 {target_l0:g}: {err}") from None
         return {
-            "target_l0": expected,
+            "target_l0": float(target_l0),
             "adaptation_interval": size.adaptation_interval,
-            "decoder_init_norm": size.gba_output_scale_init,
         }
     raise CompareError(f"method {method!r} is not one of {list(METHODS)}")
 
 
-def sae_name(method: str, target_l0: float) -> str:
-    """The folder and SAEBench name of one SAE of the sweep."""
-    return f"{method}_L0-{target_l0:g}"
+def sae_name(method: str, target_l0: float, seed: int = 0) -> str:
+    """The folder and SAEBench name of one SAE of the sweep (seed 0 unsuffixed)."""
+    return f"{method}_L0-{target_l0:g}" + (f"_seed-{seed}" if seed else "")
 
 
 @dataclass(frozen=True)
@@ -246,28 +242,43 @@ class SweepPoint:
         target_l0: the L0 aimed at.
         setting: the training-config fields that set its sparsity
             (:func:`sparsity_setting`).
+        seed: added to the run's seed for this SAE's initialisation and batch order.
     """
 
     method: str
     target_l0: float
     setting: dict[str, Any] = field(compare=False)
+    seed: int = 0
 
     @property
     def name(self) -> str:
         """The folder and SAEBench name of this SAE."""
-        return sae_name(self.method, self.target_l0)
+        return sae_name(self.method, self.target_l0, self.seed)
+
+
+def middle_target(size: CompareSize) -> float:
+    """The target L0 where :data:`SEEDED_METHODS` train several seeds (the lower
+    middle one of an even count)."""
+    targets = sorted(size.target_l0s)
+    return targets[(len(targets) - 1) // 2]
 
 
 def sweep_points(methods: Sequence[str], size: CompareSize) -> tuple[SweepPoint, ...]:
-    """Every (method, target L0) of the sweep with its sparsity setting.
+    """Every (method, target L0, seed) of the sweep with its sparsity setting.
+
+    Seed 0 at every target for every method, and seeds 1 to ``middle_seeds - 1`` at
+    the middle target for :data:`SEEDED_METHODS`.
 
     Raises:
         CompareError: a method is unknown or a target is out of GBA's reach.
     """
+    middle = middle_target(size)
     return tuple(
-        SweepPoint(method, target, sparsity_setting(method, target, size))
+        SweepPoint(method, target, sparsity_setting(method, target, size), seed)
         for method in methods
         for target in size.target_l0s
+        for seed in range(size.middle_seeds if target == middle else 1)
+        if seed == 0 or method in SEEDED_METHODS
     )
 
 
@@ -315,6 +326,14 @@ def resolve_request(
             f"target_l0s={size.target_l0s!r} is invalid: must be non-empty, each in "
             f"(0, d_sae={size.d_sae})"
         )
+    for name in (
+        "training_passes",
+        "middle_seeds",
+        "ev_curve_points",
+        "ev_curve_tokens",
+    ):
+        if getattr(size, name) < 1:
+            raise CompareError(f"{name}={getattr(size, name)} is invalid: must be >= 1")
     if not 1 <= size.batch_tokens <= size.training_tokens:
         raise CompareError(
             f"batch_tokens={size.batch_tokens} is invalid: must be in "

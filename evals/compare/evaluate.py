@@ -215,7 +215,10 @@ def result_row(
     row: dict[str, Any] = {
         "method": record["method"],
         "target_l0": record["target_l0"],
+        "seed": record.get("seed_offset", 0),
         "setting": record["setting"],
+        "converged": record.get("converged"),
+        "ev_change_last_20pct": record.get("ev_change_last_20pct"),
     }
     core = results.get("core")
     metrics = core["metrics"] if core else {}

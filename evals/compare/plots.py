@@ -24,7 +24,8 @@ def plot_curves(
     path: Path,
     title: str,
 ) -> None:
-    """One panel per (row field, axis label) against L0 (log scale), a line per method."""
+    """One panel per (row field, axis label) against L0 (log scale), a line per method
+    through its seed-0 points; further seeds are hollow markers of the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,13 +36,18 @@ def plot_curves(
     axes = list(axes) if len(panels) > 1 else [axes]
     for ax, (key, label) in zip(axes, panels, strict=True):
         for method in sorted({r["method"] for r in rows}):
-            points = sorted(
-                (r["l0"], r[key])
+            found = [
+                r
                 for r in rows
                 if r["method"] == method and r["l0"] is not None and r[key] is not None
-            )
+            ]
+            points = sorted((r["l0"], r[key]) for r in found if not r.get("seed"))
             if points:
                 ax.plot(*zip(*points, strict=True), **_style(method))
+            for r in found:
+                if r.get("seed"):
+                    style = _style(method) | {"label": None, "markerfacecolor": "none"}
+                    ax.plot([r["l0"]], [r[key]], **style)
         if ax.lines:
             ax.set_xscale("log")
             # Plain numbers at 1, 2 and 5 times powers of ten, not 2x10^1.

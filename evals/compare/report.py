@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_gba.atomic import write_text_atomically
+from sae_gba_evals.compare.config import CONVERGED_EV_CHANGE, CONVERGED_TAIL
 from sae_gba_evals.compare.plots import plot_curves
 from sae_gba_evals.saebench.common import saebench_version
 
@@ -105,7 +106,9 @@ def matched_l0(
 
 
 def matched_summary(rows: Sequence[dict[str, Any]], reference: str = "topk") -> dict:
-    """:func:`matched_l0` of every method but ``reference`` for :data:`MATCHED_METRICS`."""
+    """:func:`matched_l0` of every method but ``reference`` for :data:`MATCHED_METRICS`,
+    on the seed-0 rows (the curves; further seeds are :func:`seed_spread`)."""
+    rows = [r for r in rows if not r.get("seed")]
     methods = sorted({r["method"] for r in rows} - {reference})
     return {
         method: {
@@ -116,9 +119,48 @@ def matched_summary(rows: Sequence[dict[str, Any]], reference: str = "topk") -> 
     }
 
 
+def seed_spread(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per ``method@target`` trained with several seeds: each seed's L0, explained
+    variance, alive fraction and absorption fraction."""
+    keys = ("seed", "l0", "explained_variance_legacy", "frac_alive")
+    keys += ("mean_absorption_fraction_score",)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r.get("seed", 0)):
+        groups.setdefault(f"{r['method']}@{r['target_l0']:g}", []).append(
+            {k: r.get(k) for k in keys}
+        )
+    return {name: seeds for name, seeds in groups.items() if len(seeds) > 1}
+
+
+def gba_criteria(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict:
+    """The GBA paper's LM claims, checked on this run: legacy EV within
+    :data:`PAPER_EV_TOLERANCE` of TopK at every matched point (or ahead), alive
+    fraction >= 0.99 at every GBA point, mean absorption fraction no worse than
+    TopK's (mean difference <= 0). None where not measurable."""
+    if "gba" not in summary:
+        return {}
+    ev = [
+        p["difference"] for p in summary["gba"]["explained_variance_legacy"]["points"]
+    ]
+    alive = [r["frac_alive"] for r in rows if r["method"] == "gba" and r["frac_alive"]]
+    absorbed = summary["gba"]["mean_absorption_fraction_score"]["mean_difference"]
+    inside = [d for d in ev if d is not None]
+    return {
+        "ev_within_tolerance_at_every_point": (
+            min(inside) >= -PAPER_EV_TOLERANCE if inside else None
+        ),
+        "worst_ev_difference": min(inside) if inside else None,
+        "alive_at_least_0.99": min(alive) >= 0.99 if alive else None,
+        "min_alive": min(alive) if alive else None,
+        "absorption_no_worse": None if absorbed is None else absorbed <= 0,
+    }
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     if isinstance(value, int):
@@ -176,6 +218,7 @@ def gba_vs_topk_text(summary: dict[str, Any]) -> str:
 
 _TABLE = (
     ("method", "method"),
+    ("seed", "seed"),
     ("setting", "setting"),
     ("L0", "l0"),
     ("EV legacy", "explained_variance_legacy"),
@@ -186,6 +229,7 @@ _TABLE = (
     ("absorption fraction", "mean_absorption_fraction_score"),
     ("full absorption", "mean_full_absorption_score"),
     ("train s", "train_seconds"),
+    ("converged", "converged"),
 )
 
 
@@ -202,7 +246,10 @@ def _setting_text(setting: dict[str, Any]) -> str:
 
 def markdown_report(result: dict[str, Any]) -> str:
     """``compare.md``: what ran, on which tokens, the table and the matched-L0 text."""
-    rows = sorted(result["rows"], key=lambda r: (r["method"], r["l0"] or 0.0))
+    rows = sorted(
+        result["rows"],
+        key=lambda r: (r["method"], r["target_l0"], r.get("seed", 0)),
+    )
     first = rows[0]["tokens"] if rows else {}
     size = result["size"]
     lines = [
@@ -211,9 +258,15 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`",
         "",
         f"- Methods: {', '.join(result['methods'])}; width {size['d_sae']:,} latents; "
-        f"every SAE trained by SAELens's SAETrainer on the same "
-        f"{size['training_tokens']:,} harvested tokens ({result['train_data']}), "
-        f"batch {size['batch_tokens']}, lr {size['lr']:g}, seed {result['seed']}.",
+        f"every SAE trained by SAELens's SAETrainer, {size['training_passes']} "
+        f"pass(es) over the same {size['training_tokens']:,} harvested tokens "
+        f"({result['train_data']}), batch {size['batch_tokens']}, lr {size['lr']:g}, "
+        f"seed {result['seed']} (`seed` below is added to it).",
+        f"- Converged (last column): the held-out legacy EV, measured "
+        f"{size['ev_curve_points']} times over each run on {size['ev_curve_tokens']:,} "
+        f"of the core eval's tokens, moved by less than {CONVERGED_EV_CHANGE} over the "
+        f"last {CONVERGED_TAIL:.0%} of steps; "
+        f"{sum(bool(r.get('converged')) for r in rows)} of {len(rows)} runs did.",
         f"- Held-out evaluation ({result['held_out_data']}): SAEBench core on "
         f"{_fmt(first.get('eval_sparsity_variance'))} tokens for L0, explained "
         f"variance and alive fraction "
@@ -246,6 +299,24 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", EV_FOOTNOTE]
     lines += ["", "## GBA against TopK at matched L0", "", result["gba_vs_topk"], ""]
+    criteria = result.get("gba_criteria") or {}
+    if criteria:
+        lines += [
+            "The paper's claims on this run: "
+            + "; ".join(f"{k}: {_fmt(v)}" for k, v in criteria.items()),
+            "",
+        ]
+    for name, seeds in (result.get("seed_spread") or {}).items():
+        lines.append(
+            f"Seeds of {name} (L0 / EV legacy / alive / absorption fraction): "
+            + "; ".join(
+                f"seed {s['seed']}: {_fmt(s['l0'], 1)} / "
+                f"{_fmt(s['explained_variance_legacy'])} / {_fmt(s['frac_alive'])} / "
+                f"{_fmt(s['mean_absorption_fraction_score'])}"
+                for s in seeds
+            )
+        )
+    lines += [""]
     lines += [
         "Every method against TopK at matched L0 (mean difference over its points "
         "inside TopK's L0 range; n = points inside):",
@@ -311,6 +382,8 @@ def report(
         "rows": rows,
         "matched_l0_vs_topk": summary,
         "gba_vs_topk": gba_vs_topk_text(summary),
+        "gba_criteria": gba_criteria(rows, summary),
+        "seed_spread": seed_spread(rows),
         "cumulative_seconds": _cumulative_seconds(rows, header["harvest"]),
         "versions": f"sae_lens=={version('sae_lens')}, {saebench_version()}",
     }

@@ -20,7 +20,7 @@ from sae_gba_evals.compare.config import (
     sweep_points,
 )
 from sae_gba_evals.compare.data import model_and_hook, preset_data
-from sae_gba_evals.compare.evaluate import evaluate_all
+from sae_gba_evals.compare.evaluate import evaluate_all, held_out_activations
 from sae_gba_evals.compare.report import report
 from sae_gba_evals.compare.train import harvest_and_train, sae_metadata, trained_record
 from sae_gba_evals.saebench.common import EvalError, require_saebench
@@ -136,7 +136,13 @@ def run_compare(
     )
     metadata = sae_metadata(model_name, hook_name, train_windows, train_label)
     harvest_info = _train(
-        request, model, (hook_name, metadata), train_windows, points, records, timings
+        request,
+        model,
+        (hook_name, metadata),
+        (train_windows, held_out),
+        points,
+        records,
+        timings,
     )
     header = request.header(
         command, model_name, hook_name, (train_label, held_label), harvest_info, timings
@@ -194,22 +200,28 @@ def _train(
     request: _Request,
     model: HookedTransformer,
     hook: tuple[str, dict[str, Any]],
-    train_windows: torch.Tensor,
+    windows: tuple[torch.Tensor, datasets.Dataset],
     points: Sequence[SweepPoint],
     records: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """Harvest once and train every unfinished sweep point; adds the timings."""
+    """Harvest once and train every unfinished sweep point; adds the timings.
+
+    Each run's convergence curve reads the core eval's held-out tokens."""
+    train_windows, held_out = windows
+    size = request.size
+    settings = size.eval_settings(len(held_out[0]["tokens"]))
     harvest_info = harvest_and_train(
         request.out,
         model,
         hook,
         train_windows,
-        request.size,
+        size,
         points,
         records,
         request.seed,
         request.progress,
+        lambda: held_out_activations(model, hook[0], held_out, settings),
     )
     timings["harvest_s"] = harvest_info["seconds"]
     timings["train_s"] = sum(r.get("seconds_this_run", 0.0) for r in records.values())

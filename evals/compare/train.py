@@ -1,9 +1,10 @@
 """The comparison's training: every sweep point on the same harvested activations.
 
 Each SAE is trained by SAELens's own ``SAETrainer`` (``sae_gba.training``) with the
-same width, tokens, batch size, learning rate, seed and batch order, and written as
-an ordinary SAELens folder ``OUT/saes/<method>_L0-<target>/`` plus
-``compare_train.json`` (setting, seconds, tokens).
+same width, tokens, passes, batch size, learning rate, seed and batch order, and
+written as an ordinary SAELens folder ``OUT/saes/<name>/`` plus ``compare_train.json``
+(setting, seconds, tokens, and the held-out explained-variance curve that says
+whether the run converged).
 """
 
 from __future__ import annotations
@@ -12,14 +13,20 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from sae_gba_evals.compare.config import CompareError, CompareSize, SweepPoint
+from sae_gba_evals.compare.config import (
+    CONVERGED_EV_CHANGE,
+    CONVERGED_TAIL,
+    CompareError,
+    CompareSize,
+    SweepPoint,
+)
 from sae_gba_evals.compare.data import (
     load_or_harvest,
     normalize_per_token,
@@ -62,6 +69,61 @@ def build_training_sae(
     return sae_class(cfg)
 
 
+class _EVCurve:
+    """Batches from ``provider``; every ``every`` batches, first the SAE's held-out
+    legacy explained variance (:func:`sae_gba.metrics.held_out_metrics`).
+
+    ``SAETrainer`` reads one batch per step, so the value read before batch ``n`` is
+    the SAE after ``n`` steps.
+    """
+
+    def __init__(self, provider: Any, sae: Any, held_out: torch.Tensor, every: int):
+        self.provider, self.sae, self.held_out, self.every = (
+            provider,
+            sae,
+            held_out,
+            every,
+        )
+        self.steps = 0
+        self.points: list[tuple[int, float]] = []
+
+    def measure(self) -> None:
+        """Record the SAE's held-out legacy explained variance now."""
+        from sae_gba.metrics import held_out_metrics
+
+        with torch.no_grad():
+            ev = held_out_metrics(self.sae, self.held_out)["explained_variance_legacy"]
+        self.points.append((self.steps, ev))
+
+    def __iter__(self) -> _EVCurve:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.steps and self.steps % self.every == 0:
+            self.measure()
+        self.steps += 1
+        return next(self.provider)
+
+
+def convergence(points: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """Whether a run's held-out EV moved by less than ``CONVERGED_EV_CHANGE`` over its
+    last ``CONVERGED_TAIL`` of steps (the last point against the one nearest the
+    tail's start).
+
+    Args:
+        points: (step, explained variance) in step order, the last at the end.
+    """
+    last_step, last_ev = points[-1]
+    start = last_step * (1 - CONVERGED_TAIL)
+    _, tail_ev = min(points, key=lambda p: abs(p[0] - start))
+    change = last_ev - tail_ev
+    return {
+        "ev_curve": [list(p) for p in points],
+        "ev_change_last_20pct": change,
+        "converged": abs(change) < CONVERGED_EV_CHANGE,
+    }
+
+
 def train_one(
     point: SweepPoint,
     data: torch.Tensor,
@@ -70,6 +132,7 @@ def train_one(
     metadata: dict[str, Any],
     seed: int = 0,
     device: str = "cpu",
+    held_out: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train one SAE on ``data`` with SAELens's ``SAETrainer``; save it to ``folder``.
 
@@ -82,23 +145,32 @@ def train_one(
         size: width, training length, batch and learning rate.
         folder: the SAE folder to write.
         metadata: SAELens metadata fields (model, hook, context, dataset).
-        seed: seed of the initialisation and of the batch order.
+        seed: the run's seed; ``seed + point.seed`` seeds the initialisation and
+            the batch order.
         device: torch device to train on.
+        held_out: per-token normalised held-out activations for the
+            explained-variance curve (None: no curve).
 
     Returns:
         The training record written to ``compare_train.json``.
     """
     from sae_gba.training import TensorDataProvider, make_trainer
 
+    seed += point.seed
     torch.manual_seed(seed)
     sae = build_training_sae(point, data.shape[1], size, device)
     initial = initialize_from_data(sae, data, point.target_l0)
-    provider = TensorDataProvider(data, size.batch_tokens, seed=seed)
-    steps = size.training_tokens // size.batch_tokens
+    total_tokens = size.training_passes * size.training_tokens
+    steps = total_tokens // size.batch_tokens
+    provider: Any = TensorDataProvider(data, size.batch_tokens, seed=seed)
+    if held_out is not None:
+        provider = _EVCurve(
+            provider, sae, held_out, max(1, steps // size.ev_curve_points)
+        )
     trainer = make_trainer(
         sae,
         provider,
-        total_tokens=size.training_tokens,
+        total_tokens=total_tokens,
         batch_size=size.batch_tokens,
         lr=size.lr,
         dead_feature_window=max(1, DEAD_WINDOW_TOKENS // size.batch_tokens),
@@ -108,6 +180,10 @@ def train_one(
     start = time.perf_counter()
     sae = trainer.fit()
     seconds = time.perf_counter() - start
+    curve = {}
+    if isinstance(provider, _EVCurve):
+        provider.measure()
+        curve = convergence(provider.points)
     for name, value in metadata.items():
         setattr(sae.cfg.metadata, name, value)
     # Trained on rescaled tokens: SAELens applies the same rescaling at inference.
@@ -118,12 +194,15 @@ def train_one(
         "setting": point.setting,
         "d_sae": size.d_sae,
         "training_tokens": size.training_tokens,
+        "training_passes": size.training_passes,
         "batch_tokens": size.batch_tokens,
         "lr": size.lr,
         "seed": seed,
+        "seed_offset": point.seed,
         "train_seconds": seconds,
         "train_l0_full_run": float(trainer.feature_sparsity.sum()),
         "initialized_from_data": initial,
+        **curve,
     }
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -192,6 +271,7 @@ def trained_record(
         "setting": point.setting,
         "d_sae": size.d_sae,
         "training_tokens": size.training_tokens,
+        "training_passes": size.training_passes,
     }
     found = {k: record.get(k) for k in wanted}
     if json.loads(json.dumps(wanted)) != found:
@@ -227,6 +307,7 @@ def train_pending(
     seed: int,
     device: str = "cpu",
     progress: bool = True,
+    held_out: torch.Tensor | None = None,
 ) -> None:
     """Train the SAEs whose record is None, filling in their records.
 
@@ -240,13 +321,18 @@ def train_pending(
         seed: training seed.
         device: torch device to train on.
         progress: show a progress bar.
+        held_out: held-out activations for each run's explained-variance curve
+            (model dtype; rescaled per token here; None: no curve).
     """
     data = normalize_per_token(acts, size.train_dtype)
+    if held_out is not None:
+        every = max(1, len(held_out) // size.ev_curve_tokens)
+        held_out = normalize_per_token(held_out[::every][: size.ev_curve_tokens])
     pending = [point for point in points if records[point.name] is None]
     for point in tqdm(pending, desc="train", disable=not progress):
         folder = out / "saes" / point.name
         folder.parent.mkdir(parents=True, exist_ok=True)
-        record = train_one(point, data, size, folder, metadata, seed, device)
+        record = train_one(point, data, size, folder, metadata, seed, device, held_out)
         record["seconds_this_run"] = record["train_seconds"]
         records[point.name] = record
 
@@ -261,6 +347,7 @@ def harvest_and_train(
     records: dict[str, dict[str, Any] | None],
     seed: int,
     progress: bool = True,
+    held_out: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Harvest (or read back) the training activations and train the pending SAEs.
 
@@ -276,6 +363,8 @@ def harvest_and_train(
         records: SAE name -> training record, None where not trained yet (updated).
         seed: training seed.
         progress: show progress bars.
+        held_out: returns held-out activations for the runs' explained-variance
+            curves (called only when an SAE is to be trained; None: no curves).
 
     Returns:
         Where the activations came from and how long the harvest took.
@@ -297,5 +386,8 @@ def harvest_and_train(
         progress,
     )
     device = str(model.cfg.device)
-    train_pending(out, acts, size, points, records, metadata, seed, device, progress)
+    held = None if held_out is None else held_out()
+    train_pending(
+        out, acts, size, points, records, metadata, seed, device, progress, held
+    )
     return info

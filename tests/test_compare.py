@@ -26,6 +26,7 @@ from sae_gba_evals.compare import (
     matched_l0,
     memoized_forward,
     run_compare,
+    sweep_points,
 )
 from sae_gba_evals.compare.train import convergence
 from sae_gba_evals.saebench import EvalSettings, prepare_sae, run_core
@@ -325,3 +326,20 @@ def test_cli_compare__reports_bad_methods(tmp_path, capsys):
         capsys, ["compare", "--out", str(tmp_path), "--absorption-words", "3"]
     )
     assert line.startswith("absorption_words=3 is invalid: must be >= 26")
+    line = cli_error(capsys, ["compare", "--out", str(tmp_path), "--gba", "k=3"])
+    assert line.startswith("--gba 'k=3' is invalid: expected KEY=VALUE with KEY a")
+    line = cli_error(
+        capsys, ["compare", "--out", str(tmp_path), "--training-passes", "0"]
+    )
+    assert line == "--training-passes 0 is invalid: must be >= 1"
+
+
+def test_sweep_points__ablation_fields_reach_gba_only():
+    size = dataclasses.replace(SIZE, gba_fields={"decoder_init_norm": 0.5})
+    points = {p.name: p.setting for p in sweep_points(METHODS, size)}
+    assert points["gba_L0-4"] == {
+        "target_l0": 4.0,
+        "adaptation_interval": 50,
+        "decoder_init_norm": 0.5,
+    }
+    assert points["topk_L0-4_seed-1"] == {"k": 4}

@@ -62,6 +62,8 @@ class CompareSize:
         ev_curve_points: held-out explained-variance measurements over each run, for
             the convergence check (:data:`CONVERGED_EV_CHANGE`).
         ev_curve_tokens: held-out tokens each of those measurements reads.
+        gba_fields: further ``GBATrainingSAEConfig`` fields for GBA, for ablations
+            (``sae-gba compare --gba``); empty in every preset size.
         jumprelu_l0_coefficient: coefficient of JumpReLU's quadratic L0 loss.
         jumprelu_ste_to_input: let the L0 loss's straight-through gradient reach
             the encoder (Anthropic's setup), not only the thresholds (DeepMind's).
@@ -90,6 +92,7 @@ class CompareSize:
     middle_seeds: int = 1
     ev_curve_points: int = 20
     ev_curve_tokens: int = 8192
+    gba_fields: dict[str, Any] = field(default_factory=dict)
     jumprelu_l0_coefficient: float = 1.0
     jumprelu_ste_to_input: bool = True
     harvest_batch_windows: int = 16
@@ -224,6 +227,7 @@ def sparsity_setting(
         return {
             "target_l0": float(target_l0),
             "adaptation_interval": size.adaptation_interval,
+            **size.gba_fields,
         }
     raise CompareError(f"method {method!r} is not one of {list(METHODS)}")
 

@@ -5,7 +5,15 @@ from pathlib import Path
 from typing import Literal
 
 from sae_gba.cli import checks
-from sae_gba.cli.options import Job, QuietOption, UsageError, metavar, positional
+from sae_gba.cli.options import (
+    Job,
+    QuietOption,
+    UsageError,
+    metavar,
+    positional,
+    repeated,
+)
+from sae_gba.config_fields import parse_settings
 
 
 def _comma_list(text: str) -> list[str]:
@@ -97,8 +105,7 @@ class CompareOptions(QuietOption):
         preset: embedded or gemma-2-2b.
         size: default or small (a smoke run in minutes).
         methods: comma list of gba, topk, batchtopk, jumprelu, weighted_<each>, or
-            all (default: gba, topk, batchtopk, jumprelu, weighted_gba,
-            weighted_topk).
+            all (default: gba, topk, batchtopk, jumprelu).
         evals: comma list of the evals to run: core, absorption.
         model_path: local Hugging Face folder (gemma-2-2b preset).
         dataset_path: save_to_disk folder split by row into training and held-out
@@ -107,6 +114,10 @@ class CompareOptions(QuietOption):
             (0: all words).
         device: torch device: cpu, cuda, cuda:N or mps.
         seed: training seed.
+        training_passes: passes over the harvested tokens instead of the size's (an
+            ablation: every method trains that long).
+        gba: an ablation: a GBATrainingSAEConfig field for GBA as KEY=VALUE
+            (repeatable; the default comparison sets none).
     """
 
     out: str
@@ -120,12 +131,23 @@ class CompareOptions(QuietOption):
     absorption_words: int | None = None
     device: str = "cpu"
     seed: int = 0
+    training_passes: int | None = None
+    gba: list[str] = repeated("KEY=VALUE")
 
 
 def check_compare(opts: CompareOptions, command_line: str) -> Job:
     """Check ``sae-gba compare``'s request; return its job."""
     checks.positive("--seed", opts.seed, 0)
     checks.positive("--absorption-words", opts.absorption_words, 0)
+    checks.positive("--training-passes", opts.training_passes)
+    from sae_gba.gba_config import GBATrainingSAEConfig
+
+    try:
+        gba = parse_settings(
+            opts.gba, GBATrainingSAEConfig, "--gba", ("d_in", "d_sae", "target_l0")
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if opts.preset == "gemma-2-2b" or opts.model_path is not None:
         checks.existing_folder("--model-path", opts.model_path, needs="config.json")
         if opts.model_path is None:
@@ -148,6 +170,10 @@ def check_compare(opts: CompareOptions, command_line: str) -> Job:
     size = resolve_request(opts.preset, opts.size, methods, evals)[1]
     if opts.absorption_words is not None:
         size = dataclasses.replace(size, absorption_words=opts.absorption_words or None)
+    if opts.training_passes is not None:
+        size = dataclasses.replace(size, training_passes=opts.training_passes)
+    if gba:
+        size = dataclasses.replace(size, gba_fields=gba)
     resolve_request(opts.preset, size, methods, evals)
     checks.writable_folder("--out", out)
 

@@ -65,7 +65,8 @@ class FusedOutput(NamedTuple):
 
     Args:
         x_hat: (batch, d_in) reconstruction, differentiable.
-        feature_acts: (batch, d_sae) ``z``.
+        feature_acts: (batch, d_sae) ``z``; a sparse COO tensor (coalesced) where
+            every block was sparse.
         hidden_pre: (batch, d_sae) ``u``.
         fire_counts: (d_sae,) int64, tokens on which each gate was open.
         peak_hidden_pre: (d_sae,) max of ``u`` over the batch.
@@ -179,12 +180,17 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         x_hat = b_pre.expand_as(x).clone()
         # z = u * gate, written run by run: sparse runs scatter their open pairs into
         # zeros (a float-by-bool product over the whole width costs several passes).
-        z = torch.zeros_like(u)
+        # Where every run is sparse, z stays a sparse COO tensor of the open pairs:
+        # no (batch x d_sae) zeros, and the trainer's firing statistics on it need
+        # no dense passes either.
+        all_sparse = all(sparse for *_, sparse in runs)
+        z = None if all_sparse else torch.zeros_like(u)
         sparse_runs = []
         for start, stop, sparse in runs:
             if sparse:
                 run = _sparse_run(u, gate, start, stop)
-                z[:, start:stop][run.tokens, run.neurons] = run.values
+                if z is not None:
+                    z[:, start:stop][run.tokens, run.neurons] = run.values
                 sparse_runs.append(run)
                 # Each token's open rows of w, summed with weights z * a.
                 weights = run.values * output_scale[start:stop][run.neurons]
@@ -198,7 +204,11 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 x_hat.addmm_(z[:, start:stop], scaled_w)
         ctx.runs = runs
         ctx.sparse_runs = sparse_runs
-        ctx.save_for_backward(x_c, w, norms, output_scale, input_scale, z, gate)
+        # Only dense runs read z and the gate in backward.
+        dense_only = (z, None if z is None else gate)
+        ctx.save_for_backward(x_c, w, norms, output_scale, input_scale, *dense_only)
+        if z is None:
+            z = _sparse_acts(sparse_runs[0], u.shape)
         peak = u.amax(dim=0)
         ctx.mark_non_differentiable(z, u, counts, peak)
         # Their gradients are never used: do not fill (batch x d_sae) zeros for them.
@@ -228,8 +238,9 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                     run.by_neuron, w_run, grad_t, beta=0.0
                 )
                 # In place: torch.mm(sparse, out=) fills a zeroed temporary and
-                # copies it over, five times the product's own time.
-                grad_w_run.zero_().addmm_(run.by_neuron, grad).addmm_(r_open, x_c)
+                # copies it over, five times the product's own time. beta=0 ignores
+                # the uninitialised grad_w_run (no zero fill; NaN there is not read).
+                grad_w_run.addmm_(run.by_neuron, grad, beta=0).addmm_(r_open, x_c)
                 # Per neuron, sums over its open pairs (P values, not width x d_in):
                 # dL/da = sum of z * R, as R = G w^T there.
                 rows, r_values = run.by_neuron.crow_indices(), r_open.values()
@@ -258,6 +269,18 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 grad.sum(dim=0) - (output_scale * r_sum) @ w  # type: ignore[operator]
             )
         return None, grad_dir, grad_scale, grad_pre, None, None, None, None
+
+
+def _sparse_acts(run: _SparseRun, shape: torch.Size) -> torch.Tensor:
+    """``z`` as a sparse COO tensor of the open pairs of the run covering all neurons.
+
+    ``nonzero`` lists the pairs token-major, each token's neurons in order: already
+    coalesced.
+    """
+    indices = torch.stack([run.tokens, run.neurons + run.start])
+    return torch.sparse_coo_tensor(
+        indices, run.values, shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from sae_gba_evals.bench.matching import (
     L0_TOLERANCE,
     METHODS,
     match_gba_target,
+    mean_l0,
     predict_gba_target,
     settled_l0,
 )
@@ -95,6 +96,20 @@ def test_match_gba_target__lands_within_10_percent(arch, l0):
         assert abs((sae.encode(x) != 0).sum(-1).double().mean() - l0) <= 0.1 * l0
     assert abs(trial - l0) <= 0.1 * l0
     assert target > l0
+
+
+def test_mean_l0__sparse_coo_acts_count_as_their_dense_form():
+    dense = torch.zeros(4, 6)
+    dense[0, [1, 2, 5]] = torch.tensor([0.5, -1.0, 2.0])
+    dense[3, 0] = 3.0
+    coo = dense.to_sparse()
+    # An explicit zero in the COO values is inactive, as in the dense form.
+    padded = torch.sparse_coo_tensor(
+        torch.cat([coo.indices(), torch.tensor([[1], [4]])], dim=1),
+        torch.cat([coo.values(), torch.zeros(1)]),
+        dense.shape,
+    )
+    assert mean_l0(dense) == mean_l0(coo) == mean_l0(padded) == 1.0
 
 
 @pytest.mark.parametrize("l0", [32, 128])

@@ -76,7 +76,10 @@ def set_jumprelu_threshold(sae: Any, x: torch.Tensor, l0: float) -> None:
 
 
 def mean_l0(acts: torch.Tensor) -> float:
-    """Mean number of nonzero entries per row."""
+    """Mean number of nonzero entries per row (dense or sparse COO ``acts``)."""
+    if acts.is_sparse:
+        rows = acts.numel() // acts.shape[-1]
+        return int((acts.coalesce().values() != 0).sum()) / rows
     return float((acts != 0).sum(dim=-1).double().mean())
 
 

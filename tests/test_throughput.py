@@ -63,6 +63,8 @@ def test_throughput_bench__every_method_at_every_l0_point_with_all_fields(tmp_pa
         assert abs(row["l0"] - row["l0_point"]) <= L0_TOLERANCE * row["l0_point"], row
         assert row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
         assert 0 < row["encoder_floor_fraction"] < 1
+    # Every method, sparsify included, steps the same optimizer.
+    assert {r["optimizer"] for r in result["rows"]} == {"Adam (fused)"}
     gba = [r for r in result["rows"] if r["arch"] == "gba"]
     # 2 timed steps hold no adaptation: one is timed apart and its share added.
     assert all(r["adaptations_timed"] == 0 and r["adaptation_seconds"] > 0 for r in gba)

@@ -1,7 +1,9 @@
 """The fused GBA training step: a custom autograd Function for the tied, gated SAE.
 
-With unit directions ``w = directions / |directions|`` (normalised once per step),
-output scales ``a``, input scale ``c``, ``b_pre = c * pre_bias`` and ``x_c = x - b_pre``:
+With unit directions ``w = directions / |directions|`` (normalised once per step;
+``unit_directions`` where the caller just renormalised the parameter itself, as GBA's
+training SAE does, so ``w`` is the parameter), output scales ``a``, input scale ``c``,
+``b_pre = c * pre_bias`` and ``x_c = x - b_pre``:
 
     u = x_c w^T          gate = u > threshold          z = u * gate
     x_hat = z (a * w) + b_pre
@@ -167,9 +169,12 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         threshold: torch.Tensor,
         block: int,
         max_density: float,
+        unit_directions: bool,
     ) -> tuple[torch.Tensor, ...]:
-        norms = directions.norm(dim=1, keepdim=True)
-        w = directions / norms
+        # Directions renormalised just before are w itself: their norms are 1 to float
+        # rounding, and a (d_sae x d_in) norm, division and new tensor are saved.
+        norms = None if unit_directions else directions.norm(dim=1, keepdim=True)
+        w = directions if norms is None else directions / norms
         b_pre = pre_bias * input_scale
         x_c = x - b_pre
         u = x_c @ w.T
@@ -218,7 +223,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_x_hat: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         if grad_x_hat is None:  # the loss did not use x_hat
-            return (None,) * 8
+            return (None,) * 9
         x_c, w, norms, output_scale, input_scale, z, gate = ctx.saved_tensors
         grad = grad_x_hat.contiguous()
         need_dir, need_scale, need_pre = ctx.needs_input_grad[1:4]
@@ -263,12 +268,13 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
             # dL/ddirections = a / |dir| * (grad_w - w * rowsum(w * grad_w)).
             radial = _row_dots(w, grad_w)[:, None]
             grad_dir = grad_w.addcmul_(w, radial, value=-1)
-            grad_dir.mul_((output_scale / norms.squeeze(1))[:, None])
+            scale = output_scale if norms is None else output_scale / norms.squeeze(1)
+            grad_dir.mul_(scale[:, None])
         if need_pre:
             grad_pre = input_scale * (
                 grad.sum(dim=0) - (output_scale * r_sum) @ w  # type: ignore[operator]
             )
-        return None, grad_dir, grad_scale, grad_pre, None, None, None, None
+        return None, grad_dir, grad_scale, grad_pre, None, None, None, None, None
 
 
 def _sparse_acts(run: _SparseRun, shape: torch.Size) -> torch.Tensor:
@@ -317,6 +323,7 @@ def fused_forward(
     threshold: torch.Tensor,
     block: int | None = None,
     max_density: float | None = None,
+    unit_directions: bool = False,
 ) -> FusedOutput:
     """The GBA SAE on a batch, differentiable in directions, output_scale and pre_bias.
 
@@ -330,6 +337,8 @@ def fused_forward(
         block: neurons per dense-or-sparse block (None: ``BLOCK``).
         max_density: open fraction at or below which a block uses sparse products
             (None: ``MAX_SPARSE_DENSITY``; negative: dense everywhere).
+        unit_directions: the rows of ``directions`` were just put at unit norm: they
+            are used as ``w`` (norm taken as 1) without normalising them again.
     """
     block = BLOCK if block is None else block
     max_density = MAX_SPARSE_DENSITY if max_density is None else max_density
@@ -343,5 +352,6 @@ def fused_forward(
             threshold,
             block,
             max_density,
+            unit_directions,
         )  # fmt: skip
     )

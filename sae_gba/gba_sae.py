@@ -221,6 +221,7 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
             self.pre_bias,
             scale,
             self.threshold.to(x),
+            unit_directions=True,  # _before_step renormalised them
         )
         with torch.no_grad():
             accumulate_window(

@@ -154,6 +154,32 @@ def test_fused_forward__loss_and_gradients_match_the_plain_formula(
     assert torch.equal(out.feature_acts.to_dense() != 0, z != 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_fused_forward__unit_directions_skip_the_normalisation_only(dtype, plan):
+    """Rows at unit norm (as ``_before_step`` leaves them) used as ``w`` directly:
+    the loss and gradients of the formula, which still normalises them."""
+    p = _problem(dtype)
+    p["directions"] = p["directions"] / p["directions"].norm(dim=1, keepdim=True)
+    reference, fused = _leaves(p), _leaves(p)
+    expected = _plain_loss(*reference.values())
+    out = fused_forward(
+        fused["x"],
+        fused["directions"],
+        fused["output_scale"],
+        fused["pre_bias"],
+        fused["c"],
+        -fused["gate_bias"] * fused["c"],
+        *PLANS[plan],
+        unit_directions=True,
+    )
+    loss = 0.5 * ((out.x_hat - fused["x"]).square() / fused["c"] ** 2).sum(-1).mean()
+    _assert_close(loss, expected, dtype, "loss")
+    expected_grads = _grads(expected, reference)
+    for name, grad in _grads(loss, fused).items():
+        _assert_close(grad, expected_grads[name], dtype, name)
+
+
 def _step_input(x: torch.Tensor) -> TrainStepInput:
     return TrainStepInput(
         sae_in=x,

@@ -174,7 +174,8 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         # Directions renormalised just before are w itself: their norms are 1 to float
         # rounding, and a (d_sae x d_in) norm, division and new tensor are saved.
         norms = None if unit_directions else directions.norm(dim=1, keepdim=True)
-        w = directions if norms is None else directions / norms
+        # Detached: embedding_bag then skips the outputs only its own backward needs.
+        w = directions.detach() if norms is None else directions / norms
         b_pre = pre_bias * input_scale
         x_c = x - b_pre
         u = x_c @ w.T

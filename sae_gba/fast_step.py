@@ -19,6 +19,7 @@ only where the gate is open:
           = sum over each neuron's open pairs of z * R
     dL/dpre_bias = c * (colsum(G) - (a * colsum(R * gate)) w)
     dL/ddirections = (dL/dw - w * rowsum(w * dL/dw)) / |directions|
+    rowsum(w * dL/dw) = 2 a dL/da                 w . x_c = u = z where open
 
 That is still five (batch x d_in x d_sae) products: the encoder ``x_c w^T``, the
 decode, ``R`` and the two terms of ``dL/dw``. The encoder must be dense (every ``u``
@@ -228,54 +229,70 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         x_c, w, norms, output_scale, input_scale, z, gate = ctx.saved_tensors
         grad = grad_x_hat.contiguous()
         need_dir, need_scale, need_pre = ctx.needs_input_grad[1:4]
-        # grad_w accumulates, per run of neurons, z^T G and then (R * gate)^T x_c:
-        # dL/dw / a. In dense runs dL/da = rowsum(w * z^T G) is read off it in between.
+        # grad_w accumulates, per run of neurons, a * z^T G and a * (R * gate)^T x_c:
+        # dL/dw. In dense runs dL/da = rowsum(w * z^T G) is read off it in between;
+        # sparse runs fold a into the pairs' values (no (width x d_in) scaling pass).
         grad_w = torch.empty_like(w)
-        grad_scale = w.new_empty(w.shape[0]) if need_scale else None
+        grad_scale = w.new_empty(w.shape[0])
         r_sum = w.new_empty(w.shape[0]) if need_pre else None
         sparse_runs = iter(ctx.sparse_runs)
         grad_t = None
         for start, stop, sparse in ctx.runs:
             w_run, grad_w_run = w[start:stop], grad_w[start:stop]
+            scale_run = output_scale[start:stop]
             if sparse:
                 run = next(sparse_runs)
                 grad_t = grad.T.contiguous() if grad_t is None else grad_t
                 r_open = torch.sparse.sampled_addmm(
                     run.by_neuron, w_run, grad_t, beta=0.0
                 )
-                # In place: torch.mm(sparse, out=) fills a zeroed temporary and
-                # copies it over, five times the product's own time. beta=0 ignores
-                # the uninitialised grad_w_run (no zero fill; NaN there is not read).
-                grad_w_run.addmm_(run.by_neuron, grad, beta=0).addmm_(r_open, x_c)
                 # Per neuron, sums over its open pairs (P values, not width x d_in):
                 # dL/da = sum of z * R, as R = G w^T there.
                 rows, r_values = run.by_neuron.crow_indices(), r_open.values()
-                if grad_scale is not None:
-                    z_r = run.by_neuron.values() * r_values
-                    grad_scale[start:stop] = _segment_sums(z_r, rows)
+                z_values = run.by_neuron.values()
+                grad_scale[start:stop] = _segment_sums(z_values * r_values, rows)
                 if r_sum is not None:
                     r_sum[start:stop] = _segment_sums(r_values, rows)
+                pair_scale = scale_run.repeat_interleave(rows.diff())
+                r_values.mul_(pair_scale)
+                scaled_z = _csr_like(run.by_neuron, z_values * pair_scale)
+                # In place: torch.mm(sparse, out=) fills a zeroed temporary and
+                # copies it over, five times the product's own time. beta=0 ignores
+                # the uninitialised grad_w_run (no zero fill; NaN there is not read).
+                grad_w_run.addmm_(scaled_z, grad, beta=0).addmm_(r_open, x_c)
             else:
                 r_open = grad @ w_run.T
                 r_open.mul_(gate[:, start:stop])
                 torch.mm(z[:, start:stop].T, grad, out=grad_w_run)
                 if r_sum is not None:
                     r_sum[start:stop] = r_open.sum(dim=0)
-                if grad_scale is not None:
-                    grad_scale[start:stop] = _row_dots(w_run, grad_w_run)
-                grad_w_run.addmm_(r_open.T, x_c)
+                grad_scale[start:stop] = _row_dots(w_run, grad_w_run)
+                grad_w_run.addmm_(r_open.T, x_c).mul_(scale_run[:, None])
         grad_dir = grad_pre = None
         if need_dir:
-            # dL/ddirections = a / |dir| * (grad_w - w * rowsum(w * grad_w)).
-            radial = _row_dots(w, grad_w)[:, None]
-            grad_dir = grad_w.addcmul_(w, radial, value=-1)
-            scale = output_scale if norms is None else output_scale / norms.squeeze(1)
-            grad_dir.mul_(scale[:, None])
+            # dL/ddirections = (dL/dw - w * rowsum(w * dL/dw)) / |dir|, where
+            # rowsum(w * dL/dw) = 2 a dL/da: on the open pairs w . x_c = u = z, so
+            # both terms give sum z * R. No (d_sae x d_in) row-dot pass.
+            radial = 2 * output_scale * grad_scale
+            grad_dir = grad_w.addcmul_(w, radial[:, None], value=-1)
+            if norms is not None:
+                grad_dir.div_(norms)
         if need_pre:
             grad_pre = input_scale * (
                 grad.sum(dim=0) - (output_scale * r_sum) @ w  # type: ignore[operator]
             )
+        grad_scale = grad_scale if need_scale else None
         return None, grad_dir, grad_scale, grad_pre, None, None, None, None, None
+
+
+def _csr_like(csr: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``csr``'s pattern (indices shared, not copied) with other values."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            csr.crow_indices(), csr.col_indices(), values, csr.shape,
+            check_invariants=False,
+        )  # fmt: skip
 
 
 def _sparse_acts(run: _SparseRun, shape: torch.Size) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The fused GBA training step: a custom autograd Function for the tied, gated SAE.
 
-With unit directions ``w = directions / |directions|`` (normalised once per step),
-output scales ``a``, input scale ``c``, ``b_pre = c * pre_bias`` and ``x_c = x - b_pre``:
+With unit directions ``w = directions / |directions|`` (normalised once per step;
+``unit_directions`` where the caller just renormalised the parameter itself, as GBA's
+training SAE does, so ``w`` is the parameter), output scales ``a``, input scale ``c``,
+``b_pre = c * pre_bias`` and ``x_c = x - b_pre``:
 
     u = x_c w^T          gate = u > threshold          z = u * gate
     x_hat = z (a * w) + b_pre
@@ -17,6 +19,7 @@ only where the gate is open:
           = sum over each neuron's open pairs of z * R
     dL/dpre_bias = c * (colsum(G) - (a * colsum(R * gate)) w)
     dL/ddirections = (dL/dw - w * rowsum(w * dL/dw)) / |directions|
+    rowsum(w * dL/dw) = 2 a dL/da                 w . x_c = u = z where open
 
 That is still five (batch x d_in x d_sae) products: the encoder ``x_c w^T``, the
 decode, ``R`` and the two terms of ``dL/dw``. The encoder must be dense (every ``u``
@@ -65,7 +68,8 @@ class FusedOutput(NamedTuple):
 
     Args:
         x_hat: (batch, d_in) reconstruction, differentiable.
-        feature_acts: (batch, d_sae) ``z``.
+        feature_acts: (batch, d_sae) ``z``; a sparse COO tensor (coalesced) where
+            every block was sparse.
         hidden_pre: (batch, d_sae) ``u``.
         fire_counts: (d_sae,) int64, tokens on which each gate was open.
         peak_hidden_pre: (d_sae,) max of ``u`` over the batch.
@@ -166,9 +170,13 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         threshold: torch.Tensor,
         block: int,
         max_density: float,
+        unit_directions: bool,
     ) -> tuple[torch.Tensor, ...]:
-        norms = directions.norm(dim=1, keepdim=True)
-        w = directions / norms
+        # Directions renormalised just before are w itself: their norms are 1 to float
+        # rounding, and a (d_sae x d_in) norm, division and new tensor are saved.
+        norms = None if unit_directions else directions.norm(dim=1, keepdim=True)
+        # Detached: embedding_bag then skips the outputs only its own backward needs.
+        w = directions.detach() if norms is None else directions / norms
         b_pre = pre_bias * input_scale
         x_c = x - b_pre
         u = x_c @ w.T
@@ -179,12 +187,17 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         x_hat = b_pre.expand_as(x).clone()
         # z = u * gate, written run by run: sparse runs scatter their open pairs into
         # zeros (a float-by-bool product over the whole width costs several passes).
-        z = torch.zeros_like(u)
+        # Where every run is sparse, z stays a sparse COO tensor of the open pairs:
+        # no (batch x d_sae) zeros, and the trainer's firing statistics on it need
+        # no dense passes either.
+        all_sparse = all(sparse for *_, sparse in runs)
+        z = None if all_sparse else torch.zeros_like(u)
         sparse_runs = []
         for start, stop, sparse in runs:
             if sparse:
                 run = _sparse_run(u, gate, start, stop)
-                z[:, start:stop][run.tokens, run.neurons] = run.values
+                if z is not None:
+                    z[:, start:stop][run.tokens, run.neurons] = run.values
                 sparse_runs.append(run)
                 # Each token's open rows of w, summed with weights z * a.
                 weights = run.values * output_scale[start:stop][run.neurons]
@@ -198,7 +211,11 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 x_hat.addmm_(z[:, start:stop], scaled_w)
         ctx.runs = runs
         ctx.sparse_runs = sparse_runs
-        ctx.save_for_backward(x_c, w, norms, output_scale, input_scale, z, gate)
+        # Only dense runs read z and the gate in backward.
+        dense_only = (z, None if z is None else gate)
+        ctx.save_for_backward(x_c, w, norms, output_scale, input_scale, *dense_only)
+        if z is None:
+            z = _sparse_acts(sparse_runs[0], u.shape)
         peak = u.amax(dim=0)
         ctx.mark_non_differentiable(z, u, counts, peak)
         # Their gradients are never used: do not fill (batch x d_sae) zeros for them.
@@ -208,56 +225,86 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_x_hat: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         if grad_x_hat is None:  # the loss did not use x_hat
-            return (None,) * 8
+            return (None,) * 9
         x_c, w, norms, output_scale, input_scale, z, gate = ctx.saved_tensors
         grad = grad_x_hat.contiguous()
         need_dir, need_scale, need_pre = ctx.needs_input_grad[1:4]
-        # grad_w accumulates, per run of neurons, z^T G and then (R * gate)^T x_c:
-        # dL/dw / a. In dense runs dL/da = rowsum(w * z^T G) is read off it in between.
+        # grad_w accumulates, per run of neurons, a * z^T G and a * (R * gate)^T x_c:
+        # dL/dw. In dense runs dL/da = rowsum(w * z^T G) is read off it in between;
+        # sparse runs fold a into the pairs' values (no (width x d_in) scaling pass).
         grad_w = torch.empty_like(w)
-        grad_scale = w.new_empty(w.shape[0]) if need_scale else None
+        grad_scale = w.new_empty(w.shape[0])
         r_sum = w.new_empty(w.shape[0]) if need_pre else None
         sparse_runs = iter(ctx.sparse_runs)
         grad_t = None
         for start, stop, sparse in ctx.runs:
             w_run, grad_w_run = w[start:stop], grad_w[start:stop]
+            scale_run = output_scale[start:stop]
             if sparse:
                 run = next(sparse_runs)
                 grad_t = grad.T.contiguous() if grad_t is None else grad_t
                 r_open = torch.sparse.sampled_addmm(
                     run.by_neuron, w_run, grad_t, beta=0.0
                 )
-                # In place: torch.mm(sparse, out=) fills a zeroed temporary and
-                # copies it over, five times the product's own time.
-                grad_w_run.zero_().addmm_(run.by_neuron, grad).addmm_(r_open, x_c)
                 # Per neuron, sums over its open pairs (P values, not width x d_in):
                 # dL/da = sum of z * R, as R = G w^T there.
                 rows, r_values = run.by_neuron.crow_indices(), r_open.values()
-                if grad_scale is not None:
-                    z_r = run.by_neuron.values() * r_values
-                    grad_scale[start:stop] = _segment_sums(z_r, rows)
+                z_values = run.by_neuron.values()
+                grad_scale[start:stop] = _segment_sums(z_values * r_values, rows)
                 if r_sum is not None:
                     r_sum[start:stop] = _segment_sums(r_values, rows)
+                pair_scale = scale_run.repeat_interleave(rows.diff())
+                r_values.mul_(pair_scale)
+                scaled_z = _csr_like(run.by_neuron, z_values * pair_scale)
+                # In place: torch.mm(sparse, out=) fills a zeroed temporary and
+                # copies it over, five times the product's own time. beta=0 ignores
+                # the uninitialised grad_w_run (no zero fill; NaN there is not read).
+                grad_w_run.addmm_(scaled_z, grad, beta=0).addmm_(r_open, x_c)
             else:
                 r_open = grad @ w_run.T
                 r_open.mul_(gate[:, start:stop])
                 torch.mm(z[:, start:stop].T, grad, out=grad_w_run)
                 if r_sum is not None:
                     r_sum[start:stop] = r_open.sum(dim=0)
-                if grad_scale is not None:
-                    grad_scale[start:stop] = _row_dots(w_run, grad_w_run)
-                grad_w_run.addmm_(r_open.T, x_c)
+                grad_scale[start:stop] = _row_dots(w_run, grad_w_run)
+                grad_w_run.addmm_(r_open.T, x_c).mul_(scale_run[:, None])
         grad_dir = grad_pre = None
         if need_dir:
-            # dL/ddirections = a / |dir| * (grad_w - w * rowsum(w * grad_w)).
-            radial = _row_dots(w, grad_w)[:, None]
-            grad_dir = grad_w.addcmul_(w, radial, value=-1)
-            grad_dir.mul_((output_scale / norms.squeeze(1))[:, None])
+            # dL/ddirections = (dL/dw - w * rowsum(w * dL/dw)) / |dir|, where
+            # rowsum(w * dL/dw) = 2 a dL/da: on the open pairs w . x_c = u = z, so
+            # both terms give sum z * R. No (d_sae x d_in) row-dot pass.
+            radial = 2 * output_scale * grad_scale
+            grad_dir = grad_w.addcmul_(w, radial[:, None], value=-1)
+            if norms is not None:
+                grad_dir.div_(norms)
         if need_pre:
             grad_pre = input_scale * (
                 grad.sum(dim=0) - (output_scale * r_sum) @ w  # type: ignore[operator]
             )
-        return None, grad_dir, grad_scale, grad_pre, None, None, None, None
+        grad_scale = grad_scale if need_scale else None
+        return None, grad_dir, grad_scale, grad_pre, None, None, None, None, None
+
+
+def _csr_like(csr: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``csr``'s pattern (indices shared, not copied) with other values."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            csr.crow_indices(), csr.col_indices(), values, csr.shape,
+            check_invariants=False,
+        )  # fmt: skip
+
+
+def _sparse_acts(run: _SparseRun, shape: torch.Size) -> torch.Tensor:
+    """``z`` as a sparse COO tensor of the open pairs of the run covering all neurons.
+
+    ``nonzero`` lists the pairs token-major, each token's neurons in order: already
+    coalesced.
+    """
+    indices = torch.stack([run.tokens, run.neurons + run.start])
+    return torch.sparse_coo_tensor(
+        indices, run.values, shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -294,6 +341,7 @@ def fused_forward(
     threshold: torch.Tensor,
     block: int | None = None,
     max_density: float | None = None,
+    unit_directions: bool = False,
 ) -> FusedOutput:
     """The GBA SAE on a batch, differentiable in directions, output_scale and pre_bias.
 
@@ -307,6 +355,8 @@ def fused_forward(
         block: neurons per dense-or-sparse block (None: ``BLOCK``).
         max_density: open fraction at or below which a block uses sparse products
             (None: ``MAX_SPARSE_DENSITY``; negative: dense everywhere).
+        unit_directions: the rows of ``directions`` were just put at unit norm: they
+            are used as ``w`` (norm taken as 1) without normalising them again.
     """
     block = BLOCK if block is None else block
     max_density = MAX_SPARSE_DENSITY if max_density is None else max_density
@@ -320,5 +370,6 @@ def fused_forward(
             threshold,
             block,
             max_density,
+            unit_directions,
         )  # fmt: skip
     )

@@ -206,7 +206,12 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
         return fast_step_enabled() and not hooked and not autocast
 
     def _fused_forward(self, processed_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(x_hat, feature_acts, hidden_pre) by ``fast_step`` (one fused autograd op)."""
+        """(x_hat, feature_acts, hidden_pre) by ``fast_step`` (one fused autograd op).
+
+        ``feature_acts`` is a sparse COO tensor where every block of the step was
+        sparse and the inputs are (batch, d_in); SAELens's trainer and its logging
+        take either.
+        """
         x = processed_in.reshape(-1, self.cfg.d_in)
         scale = self.input_scale.to(x)
         out = fused_forward(
@@ -216,6 +221,7 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
             self.pre_bias,
             scale,
             self.threshold.to(x),
+            unit_directions=True,  # _before_step renormalised them
         )
         with torch.no_grad():
             accumulate_window(
@@ -224,11 +230,14 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
                 out.fire_counts,
                 out.peak_hidden_pre / scale + self.gate_bias,
             )
-        lead = processed_in.shape[:-1]
+        shape = (*processed_in.shape[:-1], self.cfg.d_sae)
+        acts = out.feature_acts
+        if acts.shape != shape:  # sparse COO acts stay so for (batch, d_in) inputs
+            acts = acts.to_dense().reshape(shape)
         return (
             out.x_hat.reshape(processed_in.shape),
-            out.feature_acts.reshape(*lead, self.cfg.d_sae),
-            out.hidden_pre.reshape(*lead, self.cfg.d_sae),
+            acts,
+            out.hidden_pre.reshape(shape),
         )
 
     def _reference_forward(

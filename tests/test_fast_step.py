@@ -12,6 +12,7 @@ from sae_gba.bias_adaptation import (
 )
 from sae_gba.fast_step import FAST_STEP_ENV, fused_forward, plan_runs
 from sae_gba.gba_sae import GBATrainingSAE, GBATrainingSAEConfig
+from sae_gba.training import make_trainer
 from sae_gba.weighted_sae import WeightedGBATrainingSAE, WeightedGBATrainingSAEConfig
 from tests.helpers import relative_weights_by_hand
 
@@ -140,6 +141,43 @@ def test_fused_forward__loss_and_gradients_match_the_plain_formula(
     expected_grads = _grads(expected, reference)
     for name, grad in _grads(loss, fused).items():
         _assert_close(grad, expected_grads[name], dtype, name)
+    # z: sparse COO (coalesced) exactly where every block is sparse.
+    assert out.feature_acts.is_sparse == (plan == "sparse")
+    assert not out.feature_acts.is_sparse or out.feature_acts.is_coalesced()
+    with torch.no_grad():
+        r = {k: v.detach() for k, v in reference.items()}
+        u = (r["x"] - r["pre_bias"] * r["c"]) @ (
+            r["directions"] / r["directions"].norm(dim=1, keepdim=True)
+        ).T
+        z = u * ((u / r["c"] + r["gate_bias"]) > 0)
+    _assert_close(out.feature_acts.to_dense(), z, dtype, "feature_acts")
+    assert torch.equal(out.feature_acts.to_dense() != 0, z != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_fused_forward__unit_directions_skip_the_normalisation_only(dtype, plan):
+    """Rows at unit norm (as ``_before_step`` leaves them) used as ``w`` directly:
+    the loss and gradients of the formula, which still normalises them."""
+    p = _problem(dtype)
+    p["directions"] = p["directions"] / p["directions"].norm(dim=1, keepdim=True)
+    reference, fused = _leaves(p), _leaves(p)
+    expected = _plain_loss(*reference.values())
+    out = fused_forward(
+        fused["x"],
+        fused["directions"],
+        fused["output_scale"],
+        fused["pre_bias"],
+        fused["c"],
+        -fused["gate_bias"] * fused["c"],
+        *PLANS[plan],
+        unit_directions=True,
+    )
+    loss = 0.5 * ((out.x_hat - fused["x"]).square() / fused["c"] ** 2).sum(-1).mean()
+    _assert_close(loss, expected, dtype, "loss")
+    expected_grads = _grads(expected, reference)
+    for name, grad in _grads(loss, fused).items():
+        _assert_close(grad, expected_grads[name], dtype, name)
 
 
 def _step_input(x: torch.Tensor) -> TrainStepInput:
@@ -232,6 +270,44 @@ def test_training_forward_pass__fused_and_reference_paths_agree(monkeypatch, wei
     )
     for fused_grad, plain_grad in zip(fused_grads, plain_grads, strict=True):
         _assert_close(fused_grad, plain_grad, torch.float32, "gradient")
+
+
+def test_trainer_step__sparse_feature_acts_give_the_dense_path_statistics(monkeypatch):
+    """Every block sparse: the fused step hands SAELens's trainer a sparse COO ``z``;
+    its firing statistics, logged L0 and the trained weights equal the dense path's."""
+    monkeypatch.setattr(fast_step, "MAX_SPARSE_DENSITY", 1.0)
+    p = _problem(torch.float32)
+    # Gates from always open to never (the last 8), so both counters are exercised.
+    gate_bias = p["gate_bias"].clone()
+    gate_bias[-8:] = -1e3
+    batch = N_TOKENS // 3
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(FAST_STEP_ENV, enabled)
+        sae = _sae(False, torch.float32, train_pre_bias=True)
+        trainer = make_trainer(sae, iter(()), total_tokens=10**6, batch_size=batch)
+        outputs = []
+        for step in range(3):
+            if step:
+                sae.gate_bias.data.copy_(gate_bias)
+            outputs.append(trainer.step(p["x"][step * batch :][:batch]))
+            trainer.n_training_steps += 1
+        logged = trainer.build_train_step_log_dict(outputs[-1], batch)["metrics/l0"]
+        results.append((outputs, trainer, logged))
+    (sparse_out, sparse, sparse_l0), (dense_out, dense, dense_l0) = results
+    assert all(out.feature_acts.is_sparse for out in sparse_out)
+    assert not any(out.feature_acts.is_sparse for out in dense_out)
+    for a, b in zip(sparse_out, dense_out, strict=True):
+        assert torch.equal(a.feature_acts.to_dense() != 0, b.feature_acts != 0)
+        _assert_close(a.feature_acts.to_dense(), b.feature_acts, torch.float32, "z")
+    # Some latents fired and some did not: both counters are exercised.
+    assert 0 < int((dense.n_forward_passes_since_fired == 0).sum()) < D_SAE
+    for name in ("act_freq_scores", "n_forward_passes_since_fired"):
+        assert torch.equal(getattr(sparse, name), getattr(dense, name)), name
+    assert sparse_l0 == pytest.approx(dense_l0) and dense_l0 > 0
+    _assert_close(
+        sparse.sae.directions, dense.sae.directions, torch.float32, "directions"
+    )
 
 
 def test_fused_step__falls_back_when_an_activation_hook_is_attached():

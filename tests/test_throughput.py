@@ -11,6 +11,7 @@ from sae_gba_evals.bench.matching import (
     L0_TOLERANCE,
     METHODS,
     match_gba_target,
+    mean_l0,
     predict_gba_target,
     settled_l0,
 )
@@ -62,6 +63,8 @@ def test_throughput_bench__every_method_at_every_l0_point_with_all_fields(tmp_pa
         assert abs(row["l0"] - row["l0_point"]) <= L0_TOLERANCE * row["l0_point"], row
         assert row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
         assert 0 < row["encoder_floor_fraction"] < 1
+    # Every method, sparsify included, steps the same optimizer.
+    assert {r["optimizer"] for r in result["rows"]} == {"Adam (fused)"}
     gba = [r for r in result["rows"] if r["arch"] == "gba"]
     # 2 timed steps hold no adaptation: one is timed apart and its share added.
     assert all(r["adaptations_timed"] == 0 and r["adaptation_seconds"] > 0 for r in gba)
@@ -95,6 +98,20 @@ def test_match_gba_target__lands_within_10_percent(arch, l0):
         assert abs((sae.encode(x) != 0).sum(-1).double().mean() - l0) <= 0.1 * l0
     assert abs(trial - l0) <= 0.1 * l0
     assert target > l0
+
+
+def test_mean_l0__sparse_coo_acts_count_as_their_dense_form():
+    dense = torch.zeros(4, 6)
+    dense[0, [1, 2, 5]] = torch.tensor([0.5, -1.0, 2.0])
+    dense[3, 0] = 3.0
+    coo = dense.to_sparse()
+    # An explicit zero in the COO values is inactive, as in the dense form.
+    padded = torch.sparse_coo_tensor(
+        torch.cat([coo.indices(), torch.tensor([[1], [4]])], dim=1),
+        torch.cat([coo.values(), torch.zeros(1)]),
+        dense.shape,
+    )
+    assert mean_l0(dense) == mean_l0(coo) == mean_l0(padded) == 1.0
 
 
 @pytest.mark.parametrize("l0", [32, 128])

@@ -21,7 +21,7 @@ from sae_gba.bias_adaptation import (
     target_frequencies,
 )
 from sae_gba.gba_sae import GBATrainingSAE
-from sae_gba.training import make_trainer
+from sae_gba.training import make_trainer, use_fused_adam
 from sae_gba.weighted_sae import WeightedTrainingMixin, input_weights
 from sae_gba_evals.bench.sparsify_peer import (
     sparsify_step,
@@ -76,7 +76,10 @@ def set_jumprelu_threshold(sae: Any, x: torch.Tensor, l0: float) -> None:
 
 
 def mean_l0(acts: torch.Tensor) -> float:
-    """Mean number of nonzero entries per row."""
+    """Mean number of nonzero entries per row (dense or sparse COO ``acts``)."""
+    if acts.is_sparse:
+        rows = acts.numel() // acts.shape[-1]
+        return int((acts.coalesce().values() != 0).sum()) / rows
     return float((acts != 0).sum(dim=-1).double().mean())
 
 
@@ -85,6 +88,7 @@ class Method(NamedTuple):
 
     ``prepare(batch)`` runs untimed before each step (the sparsity matching);
     ``step(batch)`` is the timed training step and returns the latent activations.
+    ``info`` goes into the method's row, with the optimizer's :func:`optimizer_name`.
     """
 
     prepare: Callable[[torch.Tensor], None]
@@ -93,19 +97,42 @@ class Method(NamedTuple):
     info: dict[str, Any]
 
 
-def _trainer_step(sae: Any, data: torch.Tensor, batch: int) -> Callable:
-    """SAELens's trainer step on ``sae`` (the first step is run here)."""
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer and torch's implementation of its step, e.g. ``Adam (fused)``."""
+    group = optimizer.param_groups[0]
+    on_cpu = all(p.device.type == "cpu" for p in group["params"])
+    if group.get("fused"):
+        kind = "fused"
+    elif group.get("foreach"):
+        kind = "foreach"
+    else:  # torch's default: foreach on GPUs, one tensor at a time on CPU
+        kind = "for-loop" if on_cpu else "default"
+    return f"{type(optimizer).__name__} ({kind})"
+
+
+def _trainer(sae: Any, data: torch.Tensor, batch: int) -> Any:
+    """SAELens's trainer on ``sae`` (the first step is run here)."""
     trainer = make_trainer(
         sae, iter(()), total_tokens=batch * 10**6, batch_size=batch, lr=LR
     )
+    _trainer_step(trainer)(data[:batch])  # GBA: fixes the input scale and b_pre
+    return trainer
+
+
+def _trainer_step(trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One step of SAELens's ``trainer``; returns the latent activations."""
 
     def step(x: torch.Tensor) -> torch.Tensor:
         output = trainer.step(x)
         trainer.n_training_steps += 1
         return output.feature_acts
 
-    step(data[:batch])  # GBA: fixes the input scale and b_pre
     return step
+
+
+def _method(prepare: Callable, trainer: Any, info: dict[str, Any]) -> Method:
+    info = {**info, "optimizer": optimizer_name(trainer.optimizer)}
+    return Method(prepare, _trainer_step(trainer), trainer.sae, info)
 
 
 def _saelens_sae(arch: str, d_in: int, d_sae: int, data: torch.Tensor, **fields: Any):
@@ -165,7 +192,7 @@ def match_gba_target(
     the L0 of the settled gates on a batch lands.
 
     Returns:
-        (sae, its trainer step, target_l0, the L0 measured on the trial batch).
+        (sae, its SAELens trainer, target_l0, the L0 measured on the trial batch).
 
     Raises:
         ValueError: no target within ``MATCH_TRIES`` tries lands within 10% (at a
@@ -175,14 +202,14 @@ def match_gba_target(
     target, tried = predict_gba_target(arch, shape, l0), []
     for _ in range(MATCH_TRIES):
         sae = _saelens_sae(arch, d_in, d_sae, data, target_l0=target)
-        step = _trainer_step(sae, data, batch)
+        trainer = _trainer(sae, data, batch)
         x = data[batch : 2 * batch]
         settle_gate_biases(sae, x)
         with torch.no_grad():
             measured = mean_l0(sae.encode(x))
         tried.append((target, measured))
         if abs(measured - l0) <= L0_TOLERANCE * l0:
-            return sae, step, target, measured
+            return sae, trainer, target, measured
         # At most 4x a try: where every group's p * batch < 1 nothing opens at all.
         target *= min(max(l0 / max(measured, 1e-3), 0.25), 4.0)
     raise ValueError(
@@ -195,16 +222,16 @@ def build_method(method: str, shape: Shape, l0: int, data: torch.Tensor) -> Meth
     """``method`` at ``shape`` set to ``l0`` active latents per token."""
     d_in, d_sae, batch = shape
     if method in ("gba", "weighted_gba"):
-        sae, step, target, trial = match_gba_target(method, shape, l0, data)
+        sae, trainer, target, trial = match_gba_target(method, shape, l0, data)
         info = {"target_l0": target, "trial_l0": trial}
-        return Method(lambda x: settle_gate_biases(sae, x), step, sae, info)
+        return _method(lambda x: settle_gate_biases(sae, x), trainer, info)
     if method in ("topk", "batchtopk"):
         sae = _saelens_sae(method, d_in, d_sae, data, k=l0)
-        return Method(lambda x: None, _trainer_step(sae, data, batch), sae, {})
+        return _method(lambda x: None, _trainer(sae, data, batch), {})
     if method == "jumprelu":
         sae = _saelens_sae(method, d_in, d_sae, data)
-        step = _trainer_step(sae, data, batch)
-        return Method(lambda x: set_jumprelu_threshold(sae, x, l0), step, sae, {})
+        trainer = _trainer(sae, data, batch)
+        return _method(lambda x: set_jumprelu_threshold(sae, x, l0), trainer, {})
     if method == "sparsify":
         return _sparsify_method(d_in, d_sae, l0)
     raise ValueError(f"method={method!r} is invalid: must be one of {list(METHODS)}")
@@ -215,9 +242,11 @@ def _sparsify_method(d_in: int, d_sae: int, k: int) -> Method:
 
     torch.manual_seed(0)
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), "cpu")
+    # The same optimizer as the trainer's methods: make_trainer's fused Adam.
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
+    use_fused_adam(optimizer)
 
     def step(x: torch.Tensor) -> torch.Tensor:
         return sparsify_step(sae, optimizer, x).latent_acts
 
-    return Method(lambda x: None, step, sae, {})
+    return Method(lambda x: None, step, sae, {"optimizer": optimizer_name(optimizer)})

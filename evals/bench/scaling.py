@@ -37,7 +37,12 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
 import sae_gba  # noqa: F401  (registers gba)
 from sae_gba.atomic import write_text_atomically
-from sae_gba.training import CheckpointedFit, TensorDataProvider, make_trainer
+from sae_gba.training import (
+    CheckpointedFit,
+    TensorDataProvider,
+    make_trainer,
+    use_fused_adam,
+)
 from sae_gba_evals.bench.sparsify_peer import (
     HOW_TO_ADD_SPARSIFY,
     sparsify_available,
@@ -193,6 +198,7 @@ def time_sparsify(
     torch.manual_seed(0)
     sae = Sae(d_in, SaeConfig(num_latents=d_sae, k=min(SPARSIFY_K, d_sae)), device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
+    use_fused_adam(optimizer)  # make_trainer's Adam, as the GBA path steps
     data = _data(shape)
     times = []
     for _ in range(warmup + timed + 1):

@@ -11,6 +11,7 @@ errors; the numbers themselves mean nothing on a random model.
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from sae_gba_evals.compare import (
     run_compare,
     sweep_points,
 )
+from sae_gba_evals.compare.evaluate import alive_by_group
 from sae_gba_evals.compare.train import convergence
 from sae_gba_evals.saebench import EvalSettings, prepare_sae, run_core
 from tests.helpers import (
@@ -332,6 +334,10 @@ def test_cli_compare__reports_bad_methods(tmp_path, capsys):
         capsys, ["compare", "--out", str(tmp_path), "--training-passes", "0"]
     )
     assert line == "--training-passes 0 is invalid: must be >= 1"
+    line = cli_error(capsys, ["compare", "--out", str(tmp_path), "--l0", "16,x"])
+    assert line == "--l0 '16,x' is invalid: expected a comma list of numbers"
+    line = cli_error(capsys, ["compare", "--out", str(tmp_path), "--l0", "4096"])
+    assert line.startswith("target_l0s=(4096.0,) is invalid: must be non-empty, each")
 
 
 def test_sweep_points__ablation_fields_reach_gba_only():
@@ -343,3 +349,24 @@ def test_sweep_points__ablation_fields_reach_gba_only():
         "decoder_init_norm": 0.5,
     }
     assert points["topk_L0-4_seed-1"] == {"k": 4}
+
+
+def test_alive_by_group__fired_latents_and_the_poisson_expectation():
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=4, d_sae=4))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.W_dec.copy_(torch.eye(4))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.fill_(0.5)
+    acts = torch.zeros(10, 4)
+    acts[3, 0] = 1.0  # latent 0 fires once; 1 never; 2 fires; 3 stays under threshold
+    acts[7, 2] = 2.0
+    acts[5, 3] = 0.4
+    groups = alive_by_group(sae, acts, [2, 2], [0.5, 0.01], chunk=3)
+    assert [g["alive"] for g in groups] == [0.5, 0.5]
+    assert [g["target"] for g in groups] == [0.5, 0.01]
+    assert groups[0]["alive_if_at_target"] == pytest.approx(1 - math.exp(-5))
+    assert groups[1]["alive_if_at_target"] == pytest.approx(1 - math.exp(-0.1))

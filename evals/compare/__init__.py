@@ -13,8 +13,10 @@ What it does, in order (every phase resumes: finished work is found on disk and 
    to norm ``sqrt(d_in)`` (SAELens's ``constant_norm_rescale``) for every method
    alike; the saved SAEs carry that setting, so they take raw activations.
 2. **Train** every sweep point (:mod:`~sae_gba_evals.compare.config`: a method at a
-   target L0 and the fields that set its sparsity) on exactly those activations with
-   SAELens's ``SAETrainer`` (:mod:`~sae_gba_evals.compare.train`).
+   target L0 and seed, and the fields that set its sparsity) on exactly those
+   activations with SAELens's ``SAETrainer`` (:mod:`~sae_gba_evals.compare.train`),
+   ``training_passes`` passes each, measuring held-out explained variance along the
+   way to say whether the run converged.
 3. **Evaluate** each on held-out data only (:mod:`~sae_gba_evals.compare.evaluate`):
    SAEBench's core and absorption evals under one memoised model
    (:mod:`~sae_gba_evals.compare.memo`), and the conventional explained variance.

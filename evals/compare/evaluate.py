@@ -10,6 +10,7 @@ kept in ``OUT/evals/`` and found there by a resumed run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -67,13 +68,56 @@ def held_out_activations(
 def explained_variance(
     folder: Path, acts: torch.Tensor | None, device: str
 ) -> dict[str, Any]:
-    """:func:`sae_gba.metrics.held_out_metrics` of the SAE in ``folder`` on ``acts``."""
+    """:func:`sae_gba.metrics.held_out_metrics` of the SAE in ``folder`` on ``acts``,
+    and for a GBA SAE its :func:`alive_by_group`."""
     from sae_gba.loading import load_sae
     from sae_gba.metrics import held_out_metrics
 
     if acts is None:
         raise ValueError("no held-out activations to measure the SAE on")
-    return held_out_metrics(load_sae(folder, device), acts.to(device))
+    sae = load_sae(folder, device)
+    result = held_out_metrics(sae, acts.to(device))
+    sizes = getattr(sae.cfg.metadata, "gba_group_sizes", None)
+    if sizes:
+        targets = sae.cfg.metadata.gba_target_frequencies
+        result["alive_by_group"] = alive_by_group(sae, acts.to(device), sizes, targets)
+    return result
+
+
+@torch.no_grad()
+def alive_by_group(
+    sae: Any,
+    acts: torch.Tensor,
+    group_sizes: Sequence[int],
+    targets: Sequence[float],
+    chunk: int = 4096,
+) -> list[dict[str, float]]:
+    """Per GBA frequency group: the fraction of its latents that fire at least once on
+    ``acts``, and the fraction expected of latents firing exactly at the group's target
+    (``1 - exp(-target * tokens)``, Poisson): below ~3 / target tokens a latent at its
+    target can look dead by chance.
+
+    Args:
+        sae: the SAE (takes raw activations).
+        acts: (n_tokens, d_in) held-out activations.
+        group_sizes: latents per group, in latent order.
+        targets: each group's target firing frequency.
+        chunk: tokens per step.
+    """
+    fired = torch.zeros(sum(group_sizes), dtype=torch.bool, device=acts.device)
+    for part in acts.split(chunk):
+        fired |= (sae.encode(part.float()) > 0).any(dim=0)
+    groups, start = [], 0
+    for size, target in zip(group_sizes, targets, strict=True):
+        groups.append(
+            {
+                "target": float(target),
+                "alive": float(fired[start : start + size].float().mean()),
+                "alive_if_at_target": 1 - math.exp(-target * len(acts)),
+            }
+        )
+        start += size
+    return groups
 
 
 def evaluate_one(
@@ -232,9 +276,9 @@ def result_row(
         row[key] = metrics.get(group, {}).get(key)
     # The conventional ratio, computed here: SAEBench 0.6's `explained_variance`
     # measures variance about zero (see report.EV_FOOTNOTE).
-    row["explained_variance"] = (results.get("explained_variance") or {}).get(
-        "explained_variance"
-    )
+    held_out = results.get("explained_variance") or {}
+    row["explained_variance"] = held_out.get("explained_variance")
+    row["alive_by_group"] = held_out.get("alive_by_group")
     absorbed = results.get("absorption") or {}
     mean = (absorbed.get("metrics") or {}).get("mean", {})
     row["mean_absorption_fraction_score"] = mean.get("mean_absorption_fraction_score")

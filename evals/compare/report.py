@@ -317,6 +317,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             )
         )
     lines += [""]
+    lines += _alive_by_group_lines(rows)
     lines += [
         "Every method against TopK at matched L0 (mean difference over its points "
         "inside TopK's L0 range; n = points inside):",
@@ -348,6 +349,33 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines += ["", "Summed over the invocations that built this folder:", ""]
     lines += [f"- {k}: {_fmt(v, 0)} s" for k, v in result["cumulative_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _alive_by_group_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """GBA's alive fraction per frequency group beside what chance allows."""
+    lines = []
+    for row in rows:
+        groups = row.get("alive_by_group")
+        if not groups or row.get("seed"):
+            continue
+        cells = ", ".join(
+            f"{g['target']:.1e}: {g['alive']:.2f} ({g['alive_if_at_target']:.2f})"
+            for g in groups
+        )
+        lines.append(
+            f"- {row['method']} at target L0 {row['target_l0']:g}, alive by group "
+            f"(target: alive (expected of a latent firing at its target)): {cells}"
+        )
+    if lines:
+        lines = [
+            "Alive fraction of each GBA frequency group on the held-out tokens, "
+            "beside the fraction a latent firing exactly at its group's target would "
+            "show (Poisson, 1 - exp(-target x tokens)):",
+            "",
+            *lines,
+            "",
+        ]
+    return lines
 
 
 def _cumulative_seconds(

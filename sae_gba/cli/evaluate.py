@@ -114,6 +114,7 @@ class CompareOptions(QuietOption):
             (0: all words).
         device: torch device: cpu, cuda, cuda:N or mps.
         seed: training seed.
+        l0: comma list of target L0s instead of the size's (e.g. 16,32).
         training_passes: passes over the harvested tokens instead of the size's (an
             ablation: every method trains that long).
         gba: an ablation: a GBATrainingSAEConfig field for GBA as KEY=VALUE
@@ -131,6 +132,7 @@ class CompareOptions(QuietOption):
     absorption_words: int | None = None
     device: str = "cpu"
     seed: int = 0
+    l0: str | None = None
     training_passes: int | None = None
     gba: list[str] = repeated("KEY=VALUE")
 
@@ -170,6 +172,14 @@ def check_compare(opts: CompareOptions, command_line: str) -> Job:
     size = resolve_request(opts.preset, opts.size, methods, evals)[1]
     if opts.absorption_words is not None:
         size = dataclasses.replace(size, absorption_words=opts.absorption_words or None)
+    if opts.l0 is not None:
+        try:
+            targets = tuple(float(t) for t in _comma_list(opts.l0))
+        except ValueError:
+            raise UsageError(
+                f"--l0 {opts.l0!r} is invalid: expected a comma list of numbers"
+            ) from None
+        size = dataclasses.replace(size, target_l0s=targets)
     if opts.training_passes is not None:
         size = dataclasses.replace(size, training_passes=opts.training_passes)
     if gba:

@@ -1,5 +1,7 @@
 """The fused GBA step: values and gradients against autograd on the plain formula."""
 
+from typing import Any
+
 import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
@@ -78,6 +80,20 @@ def _leaves(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone().requires_grad_(k in names) for k, v in p.items()}
 
 
+def _fused(leaves: dict[str, torch.Tensor], *plan: Any, **options: Any) -> Any:
+    """``fused_forward`` on a problem's leaves (threshold ``-gate_bias * c``)."""
+    return fused_forward(
+        leaves["x"],
+        leaves["directions"],
+        leaves["output_scale"],
+        leaves["pre_bias"],
+        leaves["c"],
+        -leaves["gate_bias"] * leaves["c"],
+        *plan,
+        **options,
+    )
+
+
 def _grads(
     loss: torch.Tensor, leaves: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -117,16 +133,7 @@ def test_fused_forward__loss_and_gradients_match_the_plain_formula(
     reference = _leaves(p)
     expected = _plain_loss(*reference.values(), gamma_sq=gamma_sq)
     fused = _leaves(p)
-    out = fused_forward(
-        fused["x"],
-        fused["directions"],
-        fused["output_scale"],
-        fused["pre_bias"],
-        fused["c"],
-        -fused["gate_bias"] * fused["c"],
-        block=block,
-        max_density=max_density,
-    )
+    out = _fused(fused, block=block, max_density=max_density)
     squared = (out.x_hat - fused["x"]).square()
     if gamma_sq is not None:
         squared = squared * gamma_sq
@@ -163,16 +170,7 @@ def test_fused_forward__unit_directions_skip_the_normalisation_only(dtype, plan)
     p["directions"] = p["directions"] / p["directions"].norm(dim=1, keepdim=True)
     reference, fused = _leaves(p), _leaves(p)
     expected = _plain_loss(*reference.values())
-    out = fused_forward(
-        fused["x"],
-        fused["directions"],
-        fused["output_scale"],
-        fused["pre_bias"],
-        fused["c"],
-        -fused["gate_bias"] * fused["c"],
-        *PLANS[plan],
-        unit_directions=True,
-    )
+    out = _fused(fused, *PLANS[plan], unit_directions=True)
     loss = 0.5 * ((out.x_hat - fused["x"]).square() / fused["c"] ** 2).sum(-1).mean()
     _assert_close(loss, expected, dtype, "loss")
     expected_grads = _grads(expected, reference)
@@ -375,14 +373,7 @@ def test_fused_forward__matches_the_plain_formula_at_the_bench_l0_points(dtype, 
     p = {k: v.to(dtype) for k, v in p.items()}
     reference, fused = _leaves(p), _leaves(p)
     expected = _plain_loss(*reference.values())
-    out = fused_forward(
-        fused["x"],
-        fused["directions"],
-        fused["output_scale"],
-        fused["pre_bias"],
-        fused["c"],
-        -fused["gate_bias"] * fused["c"],
-    )
+    out = _fused(fused)
     assert torch.equal(out.fire_counts, ranks)
     assert abs(int(ranks.sum()) / n_tokens - l0) <= 0.1 * l0
     runs = plan_runs(

@@ -75,12 +75,12 @@ def explained_variance(
 
     if acts is None:
         raise ValueError("no held-out activations to measure the SAE on")
-    sae = load_sae(folder, device)
-    result = held_out_metrics(sae, acts.to(device))
+    sae, acts = load_sae(folder, device), acts.to(device)
+    result = held_out_metrics(sae, acts)
     sizes = getattr(sae.cfg.metadata, "gba_group_sizes", None)
     if sizes:
         targets = sae.cfg.metadata.gba_target_frequencies
-        result["alive_by_group"] = alive_by_group(sae, acts.to(device), sizes, targets)
+        result["alive_by_group"] = alive_by_group(sae, acts, sizes, targets)
     return result
 
 
@@ -195,7 +195,7 @@ def evaluate_all(
     settings: EvalSettings,
     evals: Sequence[str],
     memo_bytes: int,
-    hook_name: str,
+    held_out_acts: Callable[[], torch.Tensor],
     probes_dir: str | Path | None = None,
     absorption_options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -203,8 +203,8 @@ def evaluate_all(
     """Evaluate every trained SAE (:func:`evaluate_one`) under one memoised model.
 
     Beside SAEBench's evals, each SAE's conventional explained variance is computed
-    on the core eval's held-out tokens (:func:`explained_variance`; the model runs
-    over them once, before the memoised evals, and only if a result is missing).
+    on the core eval's held-out tokens (:func:`explained_variance`; their activations
+    are asked for once, before the memoised evals, and only if a result is missing).
 
     Args:
         out: the comparison folder.
@@ -214,7 +214,8 @@ def evaluate_all(
         settings: token counts, words, seed.
         evals: any of "core", "absorption".
         memo_bytes: cap of :func:`memoized_forward`.
-        hook_name: the SAEs' hook (for the conventional explained variance).
+        held_out_acts: returns the hook's activations on the core eval's tokens
+            (:func:`held_out_activations`; for the conventional explained variance).
         probes_dir: ground-truth probe folder (None: the shared cache).
         absorption_options: further ``AbsorptionEvalConfig`` fields.
         progress: show a progress bar.
@@ -225,7 +226,7 @@ def evaluate_all(
     ev_dir = out / "evals" / "explained_variance"
     acts = None
     if any(not (ev_dir / f"{name}.json").is_file() for name in records):
-        acts = held_out_activations(model, hook_name, held_out[0], settings)
+        acts = held_out_acts()
     rows = []
     with memoized_forward(model, memo_bytes) as memo:
         for name, record in tqdm(

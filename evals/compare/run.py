@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from sae_gba_evals.compare.data import model_and_hook, preset_data
 from sae_gba_evals.compare.evaluate import evaluate_all, held_out_activations
 from sae_gba_evals.compare.report import report
 from sae_gba_evals.compare.train import harvest_and_train, sae_metadata, trained_record
-from sae_gba_evals.saebench.common import EvalError, require_saebench
+from sae_gba_evals.saebench.common import EvalError, EvalSettings, require_saebench
 
 if TYPE_CHECKING:
     import datasets
@@ -135,11 +136,17 @@ def run_compare(
         chosen, model, dataset_path, seed, train_windows, held_out
     )
     metadata = sae_metadata(model_name, hook_name, train_windows, train_label)
+    # The core eval's held-out activations, harvested at most once: the training
+    # curves and the conventional explained variance both read them.
+    settings = size.eval_settings(len(held_out[0]["tokens"]))
+    held_out_acts = functools.cache(
+        functools.partial(held_out_activations, model, hook_name, held_out, settings)
+    )
     harvest_info = _train(
         request,
         model,
         (hook_name, metadata),
-        (train_windows, held_out),
+        (train_windows, held_out_acts),
         points,
         records,
         timings,
@@ -148,7 +155,12 @@ def run_compare(
         command, model_name, hook_name, (train_label, held_label), harvest_info, timings
     )
     rows, header["memoized_forward"] = _evaluate(
-        request, records, model, (held_out, held_label), hook_name, timings
+        request,
+        records,
+        model,
+        (held_out, held_label),
+        (settings, held_out_acts),
+        timings,
     )
     timings["total_this_run_s"] = time.perf_counter() - wall
     return report(out, header, rows)
@@ -200,28 +212,27 @@ def _train(
     request: _Request,
     model: HookedTransformer,
     hook: tuple[str, dict[str, Any]],
-    windows: tuple[torch.Tensor, datasets.Dataset],
+    windows: tuple[torch.Tensor, Callable[[], torch.Tensor]],
     points: Sequence[SweepPoint],
     records: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """Harvest once and train every unfinished sweep point; adds the timings.
 
-    Each run's convergence curve reads the core eval's held-out tokens."""
-    train_windows, held_out = windows
-    size = request.size
-    settings = size.eval_settings(len(held_out[0]["tokens"]))
+    ``windows``: the training windows and the core eval's held-out activations
+    (a call), which each run's convergence curve reads."""
+    train_windows, held_out_acts = windows
     harvest_info = harvest_and_train(
         request.out,
         model,
         hook,
         train_windows,
-        size,
+        request.size,
         points,
         records,
         request.seed,
         request.progress,
-        lambda: held_out_activations(model, hook[0], held_out, settings),
+        held_out_acts,
     )
     timings["harvest_s"] = harvest_info["seconds"]
     timings["train_s"] = sum(r.get("seconds_this_run", 0.0) for r in records.values())
@@ -233,21 +244,23 @@ def _evaluate(
     records: dict[str, Any],
     model: HookedTransformer,
     held_out: tuple[datasets.Dataset, str],
-    hook_name: str,
+    eval_inputs: tuple[EvalSettings, Callable[[], torch.Tensor]],
     timings: dict[str, float],
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Every SAE's evals on the held-out windows (memoised); adds the timing."""
+    """Every SAE's evals on the held-out windows (memoised); adds the timing.
+
+    ``eval_inputs``: the eval settings and the held-out activations (a call)."""
     start = time.perf_counter()
-    size = request.size
+    settings, held_out_acts = eval_inputs
     rows, memo = evaluate_all(
         request.out,
         records,
         model,
         held_out,
-        size.eval_settings(len(held_out[0][0]["tokens"])),
+        settings,
         request.evals,
-        size.memo_bytes,
-        hook_name,
+        request.size.memo_bytes,
+        held_out_acts,
         request.probes_dir,
         request.absorption_options,
         request.progress,

@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae_gba.step_memory import StepMemory
+
 FAST_STEP_ENV = "SAE_GBA_FAST_STEP"
 # Neurons per block when choosing dense or sparse products.
 BLOCK = 256
@@ -171,6 +173,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         block: int,
         max_density: float,
         unit_directions: bool,
+        memory: StepMemory | None,
     ) -> tuple[torch.Tensor, ...]:
         # Directions renormalised just before are w itself: their norms are 1 to float
         # rounding, and a (d_sae x d_in) norm, division and new tensor are saved.
@@ -179,8 +182,9 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         w = directions.detach() if norms is None else directions / norms
         b_pre = pre_bias * input_scale
         x_c = x - b_pre
-        u = x_c @ w.T
-        gate = u > threshold
+        memory = StepMemory(slots=0) if memory is None else memory
+        u = torch.mm(x_c, w.T, out=memory.empty("u", (x.shape[0], w.shape[0]), x))
+        gate = torch.gt(u, threshold, out=memory.empty("gate", u.shape, u, torch.bool))
         counts = _column_counts(gate).long()
         use_csr = x.device.type == "cpu" and x.dtype in _CSR_DTYPES
         runs = plan_runs(counts, x.shape[0], block, max_density if use_csr else -1.0)
@@ -191,7 +195,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         # no (batch x d_sae) zeros, and the trainer's firing statistics on it need
         # no dense passes either.
         all_sparse = all(sparse for *_, sparse in runs)
-        z = None if all_sparse else torch.zeros_like(u)
+        z = None if all_sparse else memory.empty("z", u.shape, u).zero_()
         sparse_runs = []
         for start, stop, sparse in runs:
             if sparse:
@@ -211,6 +215,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 x_hat.addmm_(z[:, start:stop], scaled_w)
         ctx.runs = runs
         ctx.sparse_runs = sparse_runs
+        ctx.memory = memory
         # Only dense runs read z and the gate in backward.
         dense_only = (z, None if z is None else gate)
         ctx.save_for_backward(x_c, w, norms, output_scale, input_scale, *dense_only)
@@ -225,14 +230,14 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_x_hat: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         if grad_x_hat is None:  # the loss did not use x_hat
-            return (None,) * 9
+            return (None,) * 10
         x_c, w, norms, output_scale, input_scale, z, gate = ctx.saved_tensors
         grad = grad_x_hat.contiguous()
         need_dir, need_scale, need_pre = ctx.needs_input_grad[1:4]
         # grad_w accumulates, per run of neurons, a * z^T G and a * (R * gate)^T x_c:
         # dL/dw. In dense runs dL/da = rowsum(w * z^T G) is read off it in between;
         # sparse runs fold a into the pairs' values (no (width x d_in) scaling pass).
-        grad_w = torch.empty_like(w)
+        grad_w = ctx.memory.empty("grad_w", w.shape, w)
         grad_scale = w.new_empty(w.shape[0])
         r_sum = w.new_empty(w.shape[0]) if need_pre else None
         sparse_runs = iter(ctx.sparse_runs)
@@ -282,7 +287,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 grad.sum(dim=0) - (output_scale * r_sum) @ w  # type: ignore[operator]
             )
         grad_scale = grad_scale if need_scale else None
-        return None, grad_dir, grad_scale, grad_pre, None, None, None, None, None
+        return (None, grad_dir, grad_scale, grad_pre) + (None,) * 6
 
 
 def _csr_like(csr: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -342,6 +347,7 @@ def fused_forward(
     block: int | None = None,
     max_density: float | None = None,
     unit_directions: bool = False,
+    memory: StepMemory | None = None,
 ) -> FusedOutput:
     """The GBA SAE on a batch, differentiable in directions, output_scale and pre_bias.
 
@@ -357,6 +363,8 @@ def fused_forward(
             (None: ``MAX_SPARSE_DENSITY``; negative: dense everywhere).
         unit_directions: the rows of ``directions`` were just put at unit norm: they
             are used as ``w`` (norm taken as 1) without normalising them again.
+        memory: where the pre-activations, gate and directions' gradient are
+            allocated, reused across steps (None: fresh allocations).
     """
     block = BLOCK if block is None else block
     max_density = MAX_SPARSE_DENSITY if max_density is None else max_density
@@ -371,5 +379,6 @@ def fused_forward(
             block,
             max_density,
             unit_directions,
+            memory,
         )  # fmt: skip
     )

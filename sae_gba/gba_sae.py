@@ -58,6 +58,7 @@ from sae_gba.gba_config import (  # noqa: F401 (public names, defined there)
 from sae_gba.gba_forward import _GBAForward
 from sae_gba.gba_window import COUNTER_STATE, WINDOW_BUFFERS, _GBAWindow
 from sae_gba.relative_loss import relative_token_weights
+from sae_gba.step_memory import StepMemory
 
 # The native parameters and buffers, replaced by the JumpReLU form on export.
 GBA_PARAMETERS = (
@@ -117,6 +118,7 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
         self.pre_bias.requires_grad_(cfg.train_pre_bias)
         self.output_scale.requires_grad_(cfg.train_output_scale)
         self._register_window_buffers()
+        self._step_memory = StepMemory()
 
     @override
     def initialize_weights(self) -> None:
@@ -222,6 +224,7 @@ class GBATrainingSAE(_GBAWindow, _GBAForward, TrainingSAE[GBATrainingSAEConfig])
             scale,
             self.threshold.to(x),
             unit_directions=True,  # _before_step renormalised them
+            memory=self._step_memory,
         )
         with torch.no_grad():
             accumulate_window(

@@ -131,31 +131,33 @@ def plan_runs(
 
 
 def _sparse_run(
-    u: torch.Tensor, gate: torch.Tensor, start: int, stop: int
+    u_t: torch.Tensor, gate_t: torch.Tensor, counts: torch.Tensor, start: int, stop: int
 ) -> _SparseRun:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return _build_sparse_run(u, gate, start, stop)
+        return _build_sparse_run(u_t, gate_t, counts, start, stop)
 
 
 def _build_sparse_run(
-    u: torch.Tensor, gate: torch.Tensor, start: int, stop: int
+    u_t: torch.Tensor, gate_t: torch.Tensor, counts: torch.Tensor, start: int, stop: int
 ) -> _SparseRun:
-    token, neuron = gate[:, start:stop].nonzero(as_tuple=True)
-    values = u[:, start:stop][token, neuron]  # z = u where the gate is open
-    n_tokens, width = gate.shape[0], stop - start
-    token_rows = torch.zeros(n_tokens + 1, dtype=torch.int64, device=u.device)
-    token_rows[1:] = torch.bincount(token, minlength=n_tokens).cumsum(0)
-    by_token = torch.sparse_csr_tensor(
-        token_rows, neuron, values, (n_tokens, width), check_invariants=False
-    )
-    # The CSC of z is the CSR of z^T.
-    by_column = by_token.to_sparse_csc()
+    # Neuron-major pairs, each neuron's tokens in order: the CSR of z^T as it comes.
+    neuron, token = gate_t[start:stop].nonzero(as_tuple=True)
+    values = u_t[start:stop][neuron, token]  # z = u where the gate is open
+    width, n_tokens = stop - start, gate_t.shape[1]
+    neuron_rows = torch.zeros(width + 1, dtype=torch.int64, device=u_t.device)
+    neuron_rows[1:] = counts[start:stop].cumsum(0)
     by_neuron = torch.sparse_csr_tensor(
-        by_column.ccol_indices(), by_column.row_indices(), by_column.values(),
-        (width, n_tokens), check_invariants=False,
-    )  # fmt: skip
-    return _SparseRun(start, stop, token_rows, token, neuron, values, by_neuron)
+        neuron_rows, token, values, (width, n_tokens), check_invariants=False
+    )
+    # Token-major for the decode's embedding_bag: a stable sort keeps each token's
+    # neurons in order.
+    token, order = torch.sort(token, stable=True)
+    token_rows = torch.zeros(n_tokens + 1, dtype=torch.int64, device=u_t.device)
+    token_rows[1:] = torch.bincount(token, minlength=n_tokens).cumsum(0)
+    return _SparseRun(
+        start, stop, token_rows, token, neuron[order], values[order], by_neuron
+    )
 
 
 class _TiedGatedAutoencoder(torch.autograd.Function):
@@ -183,9 +185,13 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         b_pre = pre_bias * input_scale
         x_c = x - b_pre
         memory = StepMemory(slots=0) if memory is None else memory
-        u = torch.mm(x_c, w.T, out=memory.empty("u", (x.shape[0], w.shape[0]), x))
-        gate = torch.gt(u, threshold, out=memory.empty("gate", u.shape, u, torch.bool))
-        counts = _column_counts(gate).long()
+        # u^T, neuron-major: this orientation of the product runs 3-18% faster here,
+        # and nonzero then lists each neuron's open tokens, the CSR the backward uses.
+        u_t = memory.empty("u", (w.shape[0], x.shape[0]), x)
+        torch.mm(w, x_c.T, out=u_t)
+        gate_t = memory.empty("gate", u_t.shape, u_t, torch.bool)
+        torch.gt(u_t, threshold[:, None], out=gate_t)
+        counts = _row_counts(gate_t).long()
         use_csr = x.device.type == "cpu" and x.dtype in _CSR_DTYPES
         runs = plan_runs(counts, x.shape[0], block, max_density if use_csr else -1.0)
         x_hat = b_pre.expand_as(x).clone()
@@ -195,13 +201,13 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         # no (batch x d_sae) zeros, and the trainer's firing statistics on it need
         # no dense passes either.
         all_sparse = all(sparse for *_, sparse in runs)
-        z = None if all_sparse else memory.empty("z", u.shape, u).zero_()
+        z_t = None if all_sparse else memory.empty("z", u_t.shape, u_t).zero_()
         sparse_runs = []
         for start, stop, sparse in runs:
             if sparse:
-                run = _sparse_run(u, gate, start, stop)
-                if z is not None:
-                    z[:, start:stop][run.tokens, run.neurons] = run.values
+                run = _sparse_run(u_t, gate_t, counts, start, stop)
+                if z_t is not None:
+                    z_t[start:stop][run.neurons, run.tokens] = run.values
                 sparse_runs.append(run)
                 # Each token's open rows of w, summed with weights z * a.
                 weights = run.values * output_scale[start:stop][run.neurons]
@@ -210,18 +216,18 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                     per_sample_weights=weights, include_last_offset=True,
                 )  # fmt: skip
             else:
-                torch.mul(u[:, start:stop], gate[:, start:stop], out=z[:, start:stop])
+                torch.mul(u_t[start:stop], gate_t[start:stop], out=z_t[start:stop])
                 scaled_w = output_scale[start:stop, None] * w[start:stop]
-                x_hat.addmm_(z[:, start:stop], scaled_w)
+                x_hat.addmm_(z_t[start:stop].T, scaled_w)
         ctx.runs = runs
         ctx.sparse_runs = sparse_runs
         ctx.memory = memory
         # Only dense runs read z and the gate in backward.
-        dense_only = (z, None if z is None else gate)
+        dense_only = (z_t, None if z_t is None else gate_t)
         ctx.save_for_backward(x_c, w, norms, output_scale, input_scale, *dense_only)
-        if z is None:
-            z = _sparse_acts(sparse_runs[0], u.shape)
-        peak = u.amax(dim=0)
+        z = z_t.T if z_t is not None else _sparse_acts(sparse_runs[0], u_t.T.shape)
+        u = u_t.T
+        peak = u_t.amax(dim=1)
         ctx.mark_non_differentiable(z, u, counts, peak)
         # Their gradients are never used: do not fill (batch x d_sae) zeros for them.
         ctx.set_materialize_grads(False)
@@ -231,7 +237,7 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
     def backward(ctx: Any, grad_x_hat: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         if grad_x_hat is None:  # the loss did not use x_hat
             return (None,) * 10
-        x_c, w, norms, output_scale, input_scale, z, gate = ctx.saved_tensors
+        x_c, w, norms, output_scale, input_scale, z_t, gate_t = ctx.saved_tensors
         grad = grad_x_hat.contiguous()
         need_dir, need_scale, need_pre = ctx.needs_input_grad[1:4]
         # grad_w accumulates, per run of neurons, a * z^T G and a * (R * gate)^T x_c:
@@ -266,13 +272,13 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
                 # the uninitialised grad_w_run (no zero fill; NaN there is not read).
                 grad_w_run.addmm_(scaled_z, grad, beta=0).addmm_(r_open, x_c)
             else:
-                r_open = grad @ w_run.T
-                r_open.mul_(gate[:, start:stop])
-                torch.mm(z[:, start:stop].T, grad, out=grad_w_run)
+                r_open = w_run @ grad.T  # R^T
+                r_open.mul_(gate_t[start:stop])
+                torch.mm(z_t[start:stop], grad, out=grad_w_run)
                 if r_sum is not None:
-                    r_sum[start:stop] = r_open.sum(dim=0)
+                    r_sum[start:stop] = r_open.sum(dim=1)
                 grad_scale[start:stop] = _row_dots(w_run, grad_w_run)
-                grad_w_run.addmm_(r_open.T, x_c).mul_(scale_run[:, None])
+                grad_w_run.addmm_(r_open, x_c).mul_(scale_run[:, None])
         grad_dir = grad_pre = None
         if need_dir:
             # dL/ddirections = (dL/dw - w * rowsum(w * dL/dw)) / |dir|, where
@@ -303,7 +309,7 @@ def _csr_like(csr: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def _sparse_acts(run: _SparseRun, shape: torch.Size) -> torch.Tensor:
     """``z`` as a sparse COO tensor of the open pairs of the run covering all neurons.
 
-    ``nonzero`` lists the pairs token-major, each token's neurons in order: already
+    The run lists the pairs token-major, each token's neurons in order: already
     coalesced.
     """
     indices = torch.stack([run.tokens, run.neurons + run.start])
@@ -317,18 +323,18 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("md,md->m", a, b)
 
 
-def _column_counts(gate: torch.Tensor) -> torch.Tensor:
-    """``gate.sum(dim=0)`` (int32), from byte sums over groups of 255 rows.
+def _row_counts(gate: torch.Tensor) -> torch.Tensor:
+    """``gate.sum(dim=1)`` (int32), from byte sums over groups of 255 columns.
 
     A uint8 sum cannot overflow within a group, and summing bytes into bytes is
-    vectorised where summing them into int32 is not: ~50x faster on CPU.
+    vectorised where summing them into int32 is not: ~8x faster on CPU.
     """
     rows = gate.view(torch.uint8)
-    grouped = rows.shape[0] - rows.shape[0] % 255
-    counts = rows[grouped:].sum(dim=0, dtype=torch.int32)
+    grouped = rows.shape[1] - rows.shape[1] % 255
+    counts = rows[:, grouped:].sum(dim=1, dtype=torch.int32)
     if grouped:
-        groups = rows[:grouped].view(-1, 255, rows.shape[1]).sum(1, dtype=torch.uint8)
-        counts += groups.sum(dim=0, dtype=torch.int32)
+        groups = rows[:, :grouped].reshape(rows.shape[0], -1, 255)
+        counts += groups.sum(dim=2, dtype=torch.uint8).sum(dim=1, dtype=torch.int32)
     return counts
 
 

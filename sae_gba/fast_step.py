@@ -374,8 +374,8 @@ def fused_forward(
             (None: ``MAX_SPARSE_DENSITY``; negative: dense everywhere).
         unit_directions: the rows of ``directions`` were just put at unit norm: they
             are used as ``w`` (norm taken as 1) without normalising them again.
-        memory: where the pre-activations, gate and directions' gradient are
-            allocated, reused across steps (None: fresh allocations).
+        memory: where the pre-activations, gate, dense activations and directions'
+            gradient are allocated, reused across steps (None: fresh allocations).
     """
     block = BLOCK if block is None else block
     max_density = MAX_SPARSE_DENSITY if max_density is None else max_density

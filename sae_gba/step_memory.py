@@ -4,8 +4,9 @@ On CPU a fresh allocation of tens of MB is an ``mmap`` that glibc returns to the
 kernel when freed, so every step faults its pages in again (about 2 us per 4 KiB page
 on the machine of ``docs/bench``: ~0.1 s a step at d_in 2,304 and 16,384 latents).
 PyTorch caches freed memory on CUDA but not on CPU, so the step keeps its own: the
-pre-activations, the gate and the directions' gradient, in storages it hands out again
-once nothing else holds them (the previous step's ``hidden_pre`` or ``.grad`` gone).
+pre-activations, the gate, the dense activations (where a block is dense) and the
+directions' gradient, in storages it hands out again once nothing else holds them (the
+previous step's ``hidden_pre`` or ``.grad`` gone).
 A storage still held elsewhere is never written: the step allocates a fresh one.
 """
 
